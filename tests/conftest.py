@@ -1,0 +1,28 @@
+"""Test set-up. Without a GPU the Triton kernels run in the Triton interpreter, which reads
+TRITON_INTERPRET when a kernel is decorated: it must be set here, before topd_kernels.triton_rows imports."""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed per test run, printed on failure so a failing draw can be replayed."""
+    value = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(value)
+    print(f"seed={value}")
+    return value

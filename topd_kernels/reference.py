@@ -1,0 +1,129 @@
+"""The semantics of `fused_window_kl` (../SPEC.md) as plain float64 PyTorch.
+
+Written for reading, not for speed: full log-softmaxes, and explicit loops over positions for the
+window score and the guidance spread. Differentiable through d_t only (the weights are detached, as the
+SPEC says). Every backend is tested against this function; it is also usable on its own, on any device.
+"""
+from __future__ import annotations
+
+import torch
+
+from .api import Quantile, WindowKLStats, check_config, flatten_inputs
+
+_REFERENCE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _sum_p_log_ratio(p, log_p, log_q):
+    """sum_v p_v (log p_v - log q_v), with terms where p_v == 0 equal to 0 (and gradient-safe)."""
+    live = p > 0
+    return (p * (torch.where(live, log_p, 0.0) - torch.where(live, log_q, 0.0))).sum(-1)
+
+
+def token_divergence(student, teacher, divergence: str, beta: float, temperature: float):
+    """Per-row divergence d in float64. student, teacher: (R, V) -> (R,)."""
+    log_ps = torch.log_softmax(student.double() / temperature, dim=-1)
+    log_pt = torch.log_softmax(teacher.double() / temperature, dim=-1)
+    ps, pt = log_ps.exp(), log_pt.exp()
+    if divergence == "reverse_kl":
+        return _sum_p_log_ratio(ps, log_ps, log_pt)
+    if divergence == "forward_kl":
+        return _sum_p_log_ratio(pt, log_pt, log_ps)
+    log_mix = torch.logaddexp(log_ps + torch.log1p(torch.tensor(-beta, dtype=torch.float64)),
+                              log_pt + torch.log(torch.tensor(beta, dtype=torch.float64)))
+    return beta * _sum_p_log_ratio(pt, log_pt, log_mix) + (1 - beta) * _sum_p_log_ratio(ps, log_ps, log_mix)
+
+
+def _threshold_value(threshold, values, valid):
+    if threshold is None:
+        return None
+    if isinstance(threshold, Quantile):
+        chosen = values[valid]
+        if chosen.numel() == 0:
+            return None
+        return torch.quantile(chosen, threshold.q).item()
+    return threshold
+
+
+def window_kl_reference(
+    student_logits, teacher_logits, *, mask=None, cu_seqlens=None,
+    divergence="reverse_kl", beta=0.5, temperature=1.0, window=8, gamma=0.9,
+    loss_threshold=None, div_threshold=None, suppress_weight=0.0, guidance_weight=0.0,
+    reduction="mean", num_items=None, vocab_size=None, return_stats=False, backend="reference",
+):
+    """`fused_window_kl` in float64, written plainly. Same arguments; `backend` is ignored.
+
+    student_logits, teacher_logits: (B, T, Vs), (B, T, Vt) or (N, Vs), (N, Vt).
+    Returns the float64 loss (shape of `mask` for reduction="none", else a scalar), and with
+    return_stats=True also a WindowKLStats in the layout of `mask`.
+    """
+    cfg = check_config(
+        divergence=divergence, beta=beta, temperature=temperature, window=window, gamma=gamma,
+        loss_threshold=loss_threshold, div_threshold=div_threshold, suppress_weight=suppress_weight,
+        guidance_weight=guidance_weight, reduction=reduction, num_items=num_items, vocab_size=vocab_size,
+    )
+    rows = flatten_inputs(student_logits, teacher_logits, mask, cu_seqlens, cfg, dtypes=_REFERENCE_DTYPES)
+    n, k, V = rows.mask.numel(), cfg.window, rows.vocab_size
+    valid = rows.mask.cpu()
+    seq = rows.seq_id.cpu().tolist()
+
+    # d_t, computed on the valid rows only so that invalid rows get exactly zero gradient.
+    d = torch.zeros(n, dtype=torch.float64, device=rows.student.device)
+    index = valid.nonzero().flatten().to(d.device)
+    d = d.index_put((index,), token_divergence(rows.student[index, :V], rows.teacher[index, :V],
+                                               cfg.divergence, cfg.beta, cfg.temperature))
+    d_val = d.detach().cpu()
+    m = valid.double()
+    d_list, m_list = d_val.tolist(), m.tolist()
+
+    # Sequence ends (exclusive) and starts of every row.
+    end, start = [0] * n, [0] * n
+    for t in range(n - 1, -1, -1):
+        end[t] = end[t + 1] if t + 1 < n and seq[t + 1] == seq[t] else t + 1
+    for t in range(n):
+        start[t] = start[t - 1] if t > 0 and seq[t - 1] == seq[t] else t
+
+    # Near-future window score w_t.
+    w = torch.zeros(n, dtype=torch.float64)
+    for t in range(n):
+        if valid[t]:
+            num = den = 0.0
+            for j in range(min(k, end[t] - t)):
+                num += cfg.gamma ** j * m_list[t + j] * d_list[t + j]
+                den += cfg.gamma ** j * m_list[t + j]
+            w[t] = num / den
+
+    # Thresholds and flags.
+    thr_d = _threshold_value(cfg.loss_threshold, d_val, valid)
+    thr_w = _threshold_value(cfg.div_threshold, w, valid)
+    w_list = w.tolist()
+    high = [m_list[t] > 0 and (thr_d is None or d_list[t] > thr_d) for t in range(n)]
+    over = [thr_w is None or w_list[t] > thr_w for t in range(n)]
+    divergent = [high[t] and over[t] for t in range(n)]
+
+    # Weights: suppression, and guidance spread over the next k tokens.
+    c = torch.zeros(n, dtype=torch.float64)
+    for t in range(n):
+        base = cfg.suppress_weight if (high[t] and not over[t]) else m_list[t]
+        spread = sum(cfg.gamma ** j for j in range(min(k, t - start[t] + 1)) if divergent[t - j])
+        c[t] = m_list[t] * (base + cfg.guidance_weight * spread)
+
+    loss_tok = c.to(d.device) * d
+    if cfg.reduction == "none":
+        loss = loss_tok.reshape(rows.shape)
+    elif cfg.reduction == "sum":
+        loss = loss_tok.sum()
+    elif cfg.reduction == "mean":
+        loss = loss_tok.sum() / (cfg.num_items if cfg.num_items is not None else max(float(m.sum()), 1.0))
+    else:
+        loss = loss_tok.sum() / (cfg.num_items if cfg.num_items is not None else rows.num_seqs)
+    if not return_stats:
+        return loss
+    dev = rows.student.device
+    stats = WindowKLStats(
+        kl=d_val.reshape(rows.shape).to(dev),
+        window_score=w.reshape(rows.shape).to(dev),
+        high_loss=torch.tensor(high, dtype=torch.bool).reshape(rows.shape).to(dev),
+        divergent=torch.tensor(divergent, dtype=torch.bool).reshape(rows.shape).to(dev),
+        weight=c.reshape(rows.shape).to(dev),
+    )
+    return loss, stats
