@@ -19,17 +19,17 @@ def _sum_p_log_ratio(p, log_p, log_q):
     return (p * (torch.where(live, log_p, 0.0) - torch.where(live, log_q, 0.0))).sum(-1)
 
 
-def token_divergence(student, teacher, divergence: str, beta: float, temperature: float):
-    """Per-row divergence d in float64. student, teacher: (R, V) -> (R,)."""
-    log_ps = torch.log_softmax(student.double() / temperature, dim=-1)
-    log_pt = torch.log_softmax(teacher.double() / temperature, dim=-1)
+def token_divergence(student, teacher, divergence: str, beta: float, temperature: float, dtype=torch.float64):
+    """Per-row divergence d, computed in `dtype` (float64 for the reference). student, teacher: (R, V) -> (R,)."""
+    log_ps = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
+    log_pt = torch.log_softmax(teacher.to(dtype) / temperature, dim=-1)
     ps, pt = log_ps.exp(), log_pt.exp()
     if divergence == "reverse_kl":
         return _sum_p_log_ratio(ps, log_ps, log_pt)
     if divergence == "forward_kl":
         return _sum_p_log_ratio(pt, log_pt, log_ps)
-    log_mix = torch.logaddexp(log_ps + torch.log1p(torch.tensor(-beta, dtype=torch.float64)),
-                              log_pt + torch.log(torch.tensor(beta, dtype=torch.float64)))
+    mix = (1 - beta) * ps + beta * pt
+    log_mix = torch.where(mix > 0, mix, 1.0).log()  # mix == 0 only where p_s == p_t == 0 (terms dropped)
     return beta * _sum_p_log_ratio(pt, log_pt, log_mix) + (1 - beta) * _sum_p_log_ratio(ps, log_ps, log_mix)
 
 
