@@ -39,11 +39,12 @@ Backends (`backend=` of `fused_window_kl`):
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Callable, NamedTuple
 
 import torch
+
+from . import torch_rows
 
 BACKENDS = ("auto", "torch", "triton", "triton+cuda")
 
@@ -63,7 +64,7 @@ def _interpreting() -> bool:
 def triton_available() -> tuple[bool, str]:
     """(usable, reason): whether the Triton row kernels import here."""
     try:
-        importlib.import_module("topd_kernels.triton_rows")
+        from . import triton_rows  # noqa: F401  (imports triton: kept out of the package import)
     except Exception as exc:  # ImportError, or triton failing to initialise
         return False, f"triton unavailable: {type(exc).__name__}: {exc}"
     return True, "ok"
@@ -72,14 +73,10 @@ def triton_available() -> tuple[bool, str]:
 def cuda_extension_available() -> tuple[bool, str]:
     """(built, reason): whether the CUDA backward extension is importable."""
     try:
-        cuda_rows = importlib.import_module("topd_kernels.cuda_rows")
+        from . import cuda_rows
     except Exception as exc:
         return False, f"{type(exc).__name__}: {exc}"
     return cuda_rows.extension_status()
-
-
-def _load(module: str, attr: str) -> Callable:
-    return getattr(importlib.import_module(f"topd_kernels.{module}"), attr)
 
 
 def resolve(backend: str, device: torch.device) -> RowBackend:
@@ -100,7 +97,7 @@ def resolve(backend: str, device: torch.device) -> RowBackend:
         else:
             backend = "torch"
     if backend == "torch":
-        return RowBackend("torch", _load("torch_rows", "row_forward"), _load("torch_rows", "row_backward"))
+        return RowBackend("torch", torch_rows.row_forward, torch_rows.row_backward)
 
     if not (on_cuda or (device.type == "cpu" and _interpreting())):
         raise ValueError(
@@ -110,13 +107,16 @@ def resolve(backend: str, device: torch.device) -> RowBackend:
     ok, why = triton_available()
     if not ok:
         raise ValueError(f"backend: {backend!r} is not available here ({why})")
-    row_forward = _load("triton_rows", "row_forward")
+    from . import triton_rows
+
     if backend == "triton":
-        return RowBackend("triton", row_forward, _load("triton_rows", "row_backward"))
+        return RowBackend("triton", triton_rows.row_forward, triton_rows.row_backward)
 
     built, why = cuda_extension_available()
     if not built:
         raise ValueError(f"backend: 'triton+cuda' needs the CUDA extension, which is not built ({why})")
     if not on_cuda:
         raise ValueError("backend: 'triton+cuda' runs the CUDA extension, which needs CUDA tensors")
-    return RowBackend("triton+cuda", row_forward, _load("cuda_rows", "row_backward"))
+    from . import cuda_rows
+
+    return RowBackend("triton+cuda", triton_rows.row_forward, cuda_rows.row_backward)
