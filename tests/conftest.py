@@ -26,3 +26,16 @@ def seed():
     torch.manual_seed(value)
     print(f"seed={value}")
     return value
+
+
+@pytest.fixture
+def nan_poisoned_empty(monkeypatch):
+    """During the test, torch.empty / torch.empty_like return NaN-filled floating tensors, so any
+    output element a backend allocates but never writes shows up as NaN."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))

@@ -14,7 +14,7 @@ TOPD = dict(window=3, gamma=0.5, loss_threshold=Quantile(0.4), div_threshold=Qua
 @pytest.mark.parametrize("layout", ["batched", "packed"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_defaults_and_topd(seed, layout, divergence, dtype):
+def test_defaults_and_topd(seed, nan_poisoned_empty, layout, divergence, dtype):
     problem = make_problem(layout, dtype=dtype)
     check_backend("torch", problem, divergence=divergence, beta=0.3)
     check_backend("torch", problem, divergence=divergence, beta=0.3, **TOPD)
@@ -60,7 +60,7 @@ def test_temperature_and_teacher_grad(seed, divergence, temperature):
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
                                     (torch.float16, torch.bfloat16)])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_mixed_dtypes_and_vocab_truncation(seed, dtypes, divergence):
+def test_mixed_dtypes_and_vocab_truncation(seed, nan_poisoned_empty, dtypes, divergence):
     problem = make_problem("packed", V=1271, dtype=dtypes[0], teacher_dtype=dtypes[1], pad=(9, 128))
     check_backend("torch", problem, teacher_grad=True, divergence=divergence, **TOPD)
 
@@ -71,7 +71,7 @@ def test_negative_infinity_logits(seed, divergence):
     check_backend("torch", problem, teacher_grad=True, divergence=divergence, **TOPD)
 
 
-def test_chunking_spans_many_chunks(seed, monkeypatch):
+def test_chunking_spans_many_chunks(seed, nan_poisoned_empty, monkeypatch):
     """Chunk boundaries must not matter: force tiny chunks."""
     monkeypatch.setattr(topd_kernels.torch_rows, "CHUNK_ELEMENTS", 700)
     problem = make_problem("packed", V=311, dtype=torch.bfloat16)
@@ -107,3 +107,7 @@ def test_module_matches_functional(seed):
                                             backend="torch", **TOPD)
     assert torch.equal(module(problem["student"], problem["teacher"], mask=problem["mask"]), expected)
     assert "window=3" in repr(module)
+
+
+def test_nan_poisoning_is_active(nan_poisoned_empty):
+    assert torch.empty(3).isnan().all() and torch.empty_like(torch.zeros(2)).isnan().all()
