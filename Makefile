@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)" numpy triton pybind11 "setuptools>=68" wheel
+	$(PIP) install -q "$(TORCH)" numpy triton pybind11 "setuptools>=77" wheel
 	rm -rf build
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 	touch $(STAMP)
