@@ -1,0 +1,253 @@
+// Per-element gradient math of the row backward, shared by the CUDA kernel and the host launcher.
+//
+// Everything in this header is `__host__ __device__`: the CUDA kernel (row_backward.cu) and the host
+// launcher that the CPU CI runs (same file) call exactly the same functions, so the host build checks
+// the arithmetic that runs on the GPU (float32 throughout; bf16/fp16 conversions round to nearest even
+// on both sides, via cuda_bf16.h / cuda_fp16.h).
+//
+// ---------------------------------------------------------------------------------------------------
+// Derivation (see also topd_kernels/backends.py, the row-backend contract)
+// ---------------------------------------------------------------------------------------------------
+// One row: logits z_s (student), z_t (teacher) over the first V columns, temperature tau > 0.
+//   a = z / tau,  log p = a - lse  with lse = logsumexp(a) (saved by the forward in stats rows 0, 1),
+//   and dd/dz = (1 / tau) dd/da.  The softmax Jacobian: d(log p_k)/d(a_j) = [k == j] - p_j.
+//
+// For a divergence d(p_s, p_t) with partial derivatives g_j = dd/dp_j, the chain rule through the
+// softmax gives  dd/da_j = p_j (g_j - sum_k p_k g_k).
+//
+// reverse_kl  d = sum_k p_s,k (log p_s,k - log p_t,k)
+//   student: g_j = log p_s,j - log p_t,j + 1, sum_k p_s,k g_k = d + 1
+//            dd/da_s,j = p_s,j (log p_s,j - log p_t,j - d)
+//   teacher: d = sum p_s log p_s - sum_k p_s,k (a_t,k - lse_t); dd/da_t,j = -p_s,j + p_t,j
+//            dd/da_t,j = p_t,j - p_s,j
+// forward_kl  d = sum_k p_t,k (log p_t,k - log p_s,k): the same with the roles swapped:
+//            dd/da_s,j = p_s,j - p_t,j
+//            dd/da_t,j = p_t,j (log p_t,j - log p_s,j - d)
+// jsd (0 < beta < 1)  m = (1 - beta) p_s + beta p_t,  d = beta KL(p_t || m) + (1 - beta) KL(p_s || m)
+//   Since beta p_t + (1 - beta) p_s = m:  d = beta sum p_t log p_t + (1 - beta) sum p_s log p_s
+//                                            - sum m log m.
+//   student: g_j = (1 - beta)(log p_s,j + 1) - (1 - beta)(log m_j + 1) = (1 - beta)(log p_s,j - log m_j)
+//            sum_k p_s,k g_k = (1 - beta) KL(p_s || m) = (1 - beta) K_s
+//            dd/da_s,j = (1 - beta) p_s,j (log p_s,j - log m_j - K_s),   K_s = aux (stats row 3)
+//   teacher: by symmetry
+//            dd/da_t,j = beta p_t,j (log p_t,j - log m_j - K_t),   K_t = (d - (1 - beta) K_s) / beta
+//   log m_j = logaddexp(log(1 - beta) + log p_s,j, log(beta) + log p_t,j), finite whenever either p > 0.
+//
+// The output is  grad_z = coef / tau * dd/da  with the per-row coef (c_t * upstream / denominator).
+// Every term p * (...) with p == 0 is 0: an entry at -inf (p == 0, log p == -inf) contributes nothing
+// instead of 0 * inf = NaN. Rows with coef == 0 are written as exact zeros without reading the logits.
+// Columns >= V (vocabulary padding) get gradient 0.
+// ---------------------------------------------------------------------------------------------------
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define TOPD_HD __host__ __device__ __forceinline__
+
+namespace topd {
+
+enum Divergence : int { kReverseKL = 0, kForwardKL = 1, kJSD = 2 };
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Elements handled per vector step: 16 bytes of a 2-byte type, 32 bytes (two 16-byte accesses) of fp32.
+constexpr int kVec = 8;
+
+// ---- dtype conversions (float32 arithmetic; round to nearest even on the way back) ----------------
+template <typename T> struct Cvt;
+template <> struct Cvt<float> {
+    static TOPD_HD float to_float(float x) { return x; }
+    static TOPD_HD float from_float(float x) { return x; }
+};
+template <> struct Cvt<__nv_bfloat16> {
+    static TOPD_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+    static TOPD_HD __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+template <> struct Cvt<__half> {
+    static TOPD_HD float to_float(__half x) { return __half2float(x); }
+    static TOPD_HD __half from_float(float x) { return __float2half_rn(x); }
+};
+
+// ---- 16-byte vector loads / stores (caller guarantees 16-byte alignment) ---------------------------
+template <typename T>
+TOPD_HD void load_vec(const T* __restrict__ p, float (&out)[kVec]) {
+    static_assert((kVec * sizeof(T)) % 16 == 0, "vector of kVec elements must be whole 16-byte words");
+    constexpr int kWords = kVec * sizeof(T) / 16;
+    uint4 w[kWords];
+#ifdef __CUDA_ARCH__
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const uint4*>(p)[i];
+#else
+    std::memcpy(w, p, sizeof(w));
+#endif
+    T e[kVec];
+#ifdef __CUDA_ARCH__
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) e[i] = reinterpret_cast<const T*>(w)[i];
+#else
+    std::memcpy(e, w, sizeof(e));
+#endif
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) out[i] = Cvt<T>::to_float(e[i]);
+}
+
+template <typename T>
+TOPD_HD void store_vec(T* __restrict__ p, const float (&in)[kVec]) {
+    constexpr int kWords = kVec * sizeof(T) / 16;
+    T e[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) e[i] = Cvt<T>::from_float(in[i]);
+#ifdef __CUDA_ARCH__
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) reinterpret_cast<uint4*>(p)[i] = reinterpret_cast<const uint4*>(e)[i];
+#else
+    std::memcpy(p, e, sizeof(e));
+#endif
+}
+
+// ---- per-row constants ------------------------------------------------------------------------------
+struct RowConsts {
+    float lse_s, lse_t;   // logsumexp(z / tau) of student, teacher
+    float d;              // the row's divergence
+    float k_s, k_t;       // jsd: KL(p_s || m), KL(p_t || m)
+    float inv_tau;
+    float scale;          // coef / tau
+};
+
+// Divergence-wide constants (one set per call).
+struct DivConsts {
+    float beta, one_minus_beta;   // jsd mixing weight
+    float log_beta, log_one_minus_beta;
+};
+
+TOPD_HD float logaddexp(float a, float b) {
+    const float m = fmaxf(a, b);
+    if (m == -INFINITY) return -INFINITY;          // both -inf (also avoids -inf - -inf = NaN)
+    return m + log1pf(expf(-fabsf(a - b)));
+}
+
+TOPD_HD RowConsts make_row_consts(float lse_s, float lse_t, float d, float aux, float coef, float inv_tau,
+                                  const DivConsts& dc) {
+    RowConsts r;
+    r.lse_s = lse_s;
+    r.lse_t = lse_t;
+    r.d = d;
+    r.k_s = aux;
+    r.k_t = (d - dc.one_minus_beta * aux) / dc.beta;   // only used by jsd (beta in (0, 1) there)
+    r.inv_tau = inv_tau;
+    r.scale = coef * inv_tau;
+    return r;
+}
+
+// The gradients dd/dz (times coef) of one element, from its two logits. `gs`, `gt` receive the results.
+template <int DIV>
+TOPD_HD void grad_element(float zs, float zt, const RowConsts& r, const DivConsts& dc, float& gs, float& gt) {
+    const float lps = zs * r.inv_tau - r.lse_s;   // log p_s
+    const float lpt = zt * r.inv_tau - r.lse_t;   // log p_t
+    const float ps = expf(lps);
+    const float pt = expf(lpt);
+    float das, dat;
+    if (DIV == kReverseKL) {
+        das = ps == 0.f ? 0.f : ps * (lps - lpt - r.d);
+        dat = pt - ps;
+    } else if (DIV == kForwardKL) {
+        das = ps - pt;
+        dat = pt == 0.f ? 0.f : pt * (lpt - lps - r.d);
+    } else {  // kJSD
+        const float lm = logaddexp(dc.log_one_minus_beta + lps, dc.log_beta + lpt);
+        das = ps == 0.f ? 0.f : dc.one_minus_beta * ps * (lps - lm - r.k_s);
+        dat = pt == 0.f ? 0.f : dc.beta * pt * (lpt - lm - r.k_t);
+    }
+    gs = r.scale * das;
+    gt = r.scale * dat;
+}
+
+// ---- one row, one column chunk ----------------------------------------------------------------------
+// All pointers are typed, element strides in elements, int64 indexing throughout.
+struct RowArgs {
+    const void* student;
+    const void* teacher;
+    const float* stats;      // (4, N): element [k, i] at stats[k * stats_s0 + i * stats_s1]
+    const float* coef;       // (N,): coef[i * coef_s0]
+    void* grad_student;
+    void* grad_teacher;      // nullptr: teacher gradient not wanted
+    int64_t n_rows, vocab_size, s_width, t_width;
+    int64_t s_stride, t_stride, gs_stride, gt_stride;   // row strides, in elements
+    int64_t stats_s0, stats_s1, coef_s0;
+    int64_t chunk_cols;      // columns per (row, chunk) work item; a multiple of kVec
+    float inv_tau;
+    DivConsts dc;
+    bool vec_ok;             // every row start 16-byte aligned (pointers and row strides)
+};
+
+template <typename T>
+TOPD_HD void zero_fill(T* __restrict__ row, int64_t c0, int64_t c1, bool vec_ok, int tid, int nthr) {
+    if (c1 <= c0) return;
+    int64_t col = c0;
+    if (vec_ok && (c0 % kVec) == 0) {
+        const int64_t nvec = (c1 - c0) / kVec;
+        float z[kVec];
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) z[i] = 0.f;
+        for (int64_t i = tid; i < nvec; i += nthr) store_vec<T>(row + c0 + i * kVec, z);
+        col = c0 + nvec * kVec;
+    }
+    for (int64_t j = col + tid; j < c1; j += nthr) row[j] = Cvt<T>::from_float(0.f);
+}
+
+// Writes grad_student[row, c0:c1] and grad_teacher[row, c0:c1] (clipped to each width); work item of
+// thread `tid` of `nthr` cooperating threads (a CUDA block, or one host loop).
+template <typename TS, typename TT, int DIV>
+TOPD_HD void backward_row_chunk(const RowArgs& a, int64_t row, int64_t c0, int64_t c1, int tid, int nthr) {
+    TS* __restrict__ gs = static_cast<TS*>(a.grad_student) + row * a.gs_stride;
+    TT* __restrict__ gt = a.grad_teacher ? static_cast<TT*>(a.grad_teacher) + row * a.gt_stride : nullptr;
+    const int64_t s_end = c1 < a.s_width ? c1 : a.s_width;
+    const int64_t t_end = c1 < a.t_width ? c1 : a.t_width;
+    const float coef = a.coef[row * a.coef_s0];
+
+    if (coef == 0.f) {   // masked row: exact zeros, logits never read (they may be NaN / inf)
+        zero_fill<TS>(gs, c0, s_end, a.vec_ok, tid, nthr);
+        if (gt) zero_fill<TT>(gt, c0, t_end, a.vec_ok, tid, nthr);
+        return;
+    }
+
+    const float* st = a.stats + row * a.stats_s1;
+    const RowConsts r = make_row_consts(st[0], st[a.stats_s0], st[2 * a.stats_s0], st[3 * a.stats_s0], coef,
+                                        a.inv_tau, a.dc);
+    const TS* __restrict__ zs = static_cast<const TS*>(a.student) + row * a.s_stride;
+    const TT* __restrict__ zt = static_cast<const TT*>(a.teacher) + row * a.t_stride;
+    const int64_t v_end = c1 < a.vocab_size ? c1 : a.vocab_size;
+
+    int64_t col = c0;
+    if (a.vec_ok && v_end > c0 && (c0 % kVec) == 0) {
+        const int64_t nvec = (v_end - c0) / kVec;
+        for (int64_t i = tid; i < nvec; i += nthr) {
+            const int64_t j = c0 + i * kVec;
+            float xs[kVec], xt[kVec], os[kVec], ot[kVec];
+            load_vec<TS>(zs + j, xs);
+            load_vec<TT>(zt + j, xt);
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) grad_element<DIV>(xs[k], xt[k], r, a.dc, os[k], ot[k]);
+            store_vec<TS>(gs + j, os);
+            if (gt) store_vec<TT>(gt + j, ot);
+        }
+        col = c0 + nvec * kVec;
+    }
+    for (int64_t j = col + tid; j < v_end; j += nthr) {   // scalar path: unaligned rows and the tail
+        float os, ot;
+        grad_element<DIV>(Cvt<TS>::to_float(zs[j]), Cvt<TT>::to_float(zt[j]), r, a.dc, os, ot);
+        gs[j] = Cvt<TS>::from_float(os);
+        if (gt) gt[j] = Cvt<TT>::from_float(ot);
+    }
+    // vocabulary padding: columns [V, width) get 0
+    const int64_t p0 = c0 > a.vocab_size ? c0 : a.vocab_size;
+    zero_fill<TS>(gs, p0, s_end, a.vec_ok, tid, nthr);
+    if (gt) zero_fill<TT>(gt, p0, t_end, a.vec_ok, tid, nthr);
+}
+
+}  // namespace topd
