@@ -95,8 +95,11 @@ def _row_forward_kernel(
     o_v = tl.arange(0, BLOCK_V)
 
     neg_inf = float("-inf")
-    b_max_s = tl.full((), neg_inf, tl.float32)  # running max M_s
-    b_max_t = tl.full((), neg_inf, tl.float32)  # running max M_t
+    # Maxima are tracked on the raw logits z (tau > 0 keeps the order) and only the shifted differences
+    # z - max(z) are scaled by 1/tau: the rounding of the scaling is then relative to the size of the
+    # log-probabilities, not to the size of the logits (see "Precision" above).
+    b_max_s = tl.full((), neg_inf, tl.float32)  # running max of z_s (M_s = b_max_s / tau)
+    b_max_t = tl.full((), neg_inf, tl.float32)  # running max of z_t (M_t = b_max_t / tau)
     b_sum_s = tl.zeros((), tl.float32)  # running L_s = sum exp(a_s - M_s)
     b_sum_t = tl.zeros((), tl.float32)  # running L_t = sum exp(a_t - M_t)
     b_cross = tl.zeros((), tl.float32)  # running cross term X (reverse / forward KL)
@@ -105,32 +108,34 @@ def _row_forward_kernel(
     for v0 in tl.range(0, vocab_size, BLOCK_V):
         o_col = v0 + o_v
         m_col = o_col < vocab_size
-        b_a_s = tl.load(p_s_row + o_col, mask=m_col, other=neg_inf).to(tl.float32) * inv_temperature
-        b_a_t = tl.load(p_t_row + o_col, mask=m_col, other=neg_inf).to(tl.float32) * inv_temperature
+        b_z_s = tl.load(p_s_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
+        b_z_t = tl.load(p_t_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
 
-        b_new_max_s = tl.maximum(b_max_s, tl.max(b_a_s, axis=0))
-        b_new_max_t = tl.maximum(b_max_t, tl.max(b_a_t, axis=0))
-        b_alpha_s = tl.where(b_new_max_s == neg_inf, 1.0, tl.exp(b_max_s - b_new_max_s))
-        b_alpha_t = tl.where(b_new_max_t == neg_inf, 1.0, tl.exp(b_max_t - b_new_max_t))
-        b_l_s = b_a_s - b_new_max_s  # shifted log-weights (-inf stays -inf where a = -inf)
-        b_l_t = b_a_t - b_new_max_t
-        b_e_s = tl.where(b_a_s == neg_inf, 0.0, tl.exp(b_l_s))
-        b_e_t = tl.where(b_a_t == neg_inf, 0.0, tl.exp(b_l_t))
+        b_new_max_s = tl.maximum(b_max_s, tl.max(b_z_s, axis=0))
+        b_new_max_t = tl.maximum(b_max_t, tl.max(b_z_t, axis=0))
+        # alpha = exp(M - M'); 1 while the max is still -inf (the sums are 0 then)
+        b_alpha_s = tl.where(b_new_max_s == neg_inf, 1.0, tl.exp((b_max_s - b_new_max_s) * inv_temperature))
+        b_alpha_t = tl.where(b_new_max_t == neg_inf, 1.0, tl.exp((b_max_t - b_new_max_t) * inv_temperature))
+        b_l_s = (b_z_s - b_new_max_s) * inv_temperature  # shifted log-weights a - M' (-inf where z = -inf)
+        b_l_t = (b_z_t - b_new_max_t) * inv_temperature
+        b_e_s = tl.where(b_z_s == neg_inf, 0.0, tl.exp(b_l_s))
+        b_e_t = tl.where(b_z_t == neg_inf, 0.0, tl.exp(b_l_t))
+        m_both = (b_z_s > neg_inf) & (b_z_t > neg_inf)  # entries where both probabilities are > 0
 
         if DIVERGENCE == _REVERSE_KL:
             # sum e_s (l_s - l_t) over entries with p_s > 0 and p_t > 0; p_s > 0, p_t = 0 -> +inf
-            m_hit = (b_a_s > neg_inf) & (b_a_t == neg_inf)
-            b_inf_hit = tl.maximum(b_inf_hit, tl.max(tl.where(m_hit & m_col, 1.0, 0.0), axis=0))
-            b_term = tl.where((b_a_s > neg_inf) & (b_a_t > neg_inf), b_e_s * (b_l_s - b_l_t), 0.0)
-            b_shift = (b_max_s - b_max_t) - (b_new_max_s - b_new_max_t)
+            m_hit = (b_z_s > neg_inf) & (b_z_t == neg_inf) & m_col
+            b_inf_hit = tl.maximum(b_inf_hit, tl.max(tl.where(m_hit, 1.0, 0.0), axis=0))
+            b_term = tl.where(m_both, b_e_s * (b_l_s - b_l_t), 0.0)
+            b_shift = ((b_max_s - b_new_max_s) - (b_max_t - b_new_max_t)) * inv_temperature
             b_corr = tl.where((b_sum_s > 0) & (b_max_t > neg_inf), b_sum_s * b_shift, 0.0)
             b_cross = b_alpha_s * (b_cross + b_corr) + tl.sum(b_term, axis=0)
         elif DIVERGENCE == _FORWARD_KL:
             # mirror image: sum e_t (l_t - l_s); p_t > 0, p_s = 0 -> +inf
-            m_hit = (b_a_t > neg_inf) & (b_a_s == neg_inf)
-            b_inf_hit = tl.maximum(b_inf_hit, tl.max(tl.where(m_hit & m_col, 1.0, 0.0), axis=0))
-            b_term = tl.where((b_a_s > neg_inf) & (b_a_t > neg_inf), b_e_t * (b_l_t - b_l_s), 0.0)
-            b_shift = (b_max_t - b_max_s) - (b_new_max_t - b_new_max_s)
+            m_hit = (b_z_t > neg_inf) & (b_z_s == neg_inf) & m_col
+            b_inf_hit = tl.maximum(b_inf_hit, tl.max(tl.where(m_hit, 1.0, 0.0), axis=0))
+            b_term = tl.where(m_both, b_e_t * (b_l_t - b_l_s), 0.0)
+            b_shift = ((b_max_t - b_new_max_t) - (b_max_s - b_new_max_s)) * inv_temperature
             b_corr = tl.where((b_sum_t > 0) & (b_max_s > neg_inf), b_sum_t * b_shift, 0.0)
             b_cross = b_alpha_t * (b_cross + b_corr) + tl.sum(b_term, axis=0)
 
@@ -141,8 +146,10 @@ def _row_forward_kernel(
 
     b_log_sum_s = tl.log(b_sum_s)
     b_log_sum_t = tl.log(b_sum_t)
-    b_lse_s = b_max_s + b_log_sum_s
-    b_lse_t = b_max_t + b_log_sum_t
+    # lse = max(z) * (1/tau) + log L, scaled exactly as the backward scales z (z * (1/tau) - lse), so that
+    # the rounding of 1/tau cancels between the two to first order.
+    b_lse_s = b_max_s * inv_temperature + b_log_sum_s
+    b_lse_t = b_max_t * inv_temperature + b_log_sum_t
     b_aux = tl.zeros((), tl.float32)
 
     if DIVERGENCE == _REVERSE_KL:
@@ -152,18 +159,19 @@ def _row_forward_kernel(
         b_d = b_cross / b_sum_t - b_log_sum_t + b_log_sum_s
         b_d = tl.where(b_inf_hit > 0, float("inf"), b_d)
     else:
-        # JSD pass 2: needs the final lse_s, lse_t (see the derivation above).
+        # JSD pass 2: needs the final normalisers (see the derivation above).
+        # log p = (z - max z) / tau - log L, again relative to the row maximum.
         b_k_s = tl.zeros((), tl.float32)  # K_s = KL(p_s || mix)
         b_k_t = tl.zeros((), tl.float32)  # K_t = KL(p_t || mix)
         for v0 in tl.range(0, vocab_size, BLOCK_V):
             o_col = v0 + o_v
             m_col = o_col < vocab_size
-            b_a_s = tl.load(p_s_row + o_col, mask=m_col, other=neg_inf).to(tl.float32) * inv_temperature
-            b_a_t = tl.load(p_t_row + o_col, mask=m_col, other=neg_inf).to(tl.float32) * inv_temperature
-            b_lp_s = b_a_s - b_lse_s
-            b_lp_t = b_a_t - b_lse_t
-            b_p_s = tl.exp(b_lp_s)
-            b_p_t = tl.exp(b_lp_t)
+            b_z_s = tl.load(p_s_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
+            b_z_t = tl.load(p_t_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
+            b_lp_s = (b_z_s - b_max_s) * inv_temperature - b_log_sum_s
+            b_lp_t = (b_z_t - b_max_t) * inv_temperature - b_log_sum_t
+            b_p_s = tl.where(b_z_s == neg_inf, 0.0, tl.exp(b_lp_s))
+            b_p_t = tl.where(b_z_t == neg_inf, 0.0, tl.exp(b_lp_t))
             b_x_s = b_lp_s + log_one_minus_beta
             b_x_t = b_lp_t + log_beta
             b_hi = tl.maximum(b_x_s, b_x_t)
@@ -179,6 +187,19 @@ def _row_forward_kernel(
     tl.store(p_out + stride_stats_k, b_lse_t)
     tl.store(p_out + 2 * stride_stats_k, b_d)
     tl.store(p_out + 3 * stride_stats_k, b_aux)
+
+
+@triton.jit
+def _to_output(b_x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Cast float32 b_x to the output dtype. SOFT_BF16 (the interpreter only, whose fp32 -> bf16 cast
+    truncates): round to nearest even by hand on the bits, as the GPU's cvt.rn.bf16.f32 does."""
+    if SOFT_BF16 and DTYPE == tl.bfloat16:
+        b_bits = b_x.to(tl.uint32, bitcast=True)
+        b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) >> 16
+        b_bits = tl.where(b_x != b_x, 0x7FC0, b_bits)  # keep NaN a NaN
+        return b_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return b_x.to(DTYPE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,6 +250,7 @@ def _row_backward_kernel(
     log_beta,  # fp32: log(beta) (jsd only)
     DIVERGENCE: tl.constexpr,  # 0 reverse_kl, 1 forward_kl, 2 jsd (selects code)
     HAS_GRAD_TEACHER: tl.constexpr,  # whether to write the teacher gradient (selects code)
+    SOFT_BF16: tl.constexpr,  # round fp32 -> bf16 by hand (True only under the interpreter, which truncates)
     BLOCK_V: tl.constexpr,  # columns per block (power of two)
 ):
     i_n = tl.program_id(0).to(tl.int64)  # row index; int64 offsets
@@ -275,10 +297,10 @@ def _row_backward_kernel(
             b_g_s = tl.where(b_p_s > 0, (1.0 - beta) * b_p_s * (b_lp_s - b_log_mix - b_aux), 0.0)
             b_g_t = tl.where(b_p_t > 0, beta * b_p_t * (b_lp_t - b_log_mix - b_k_t), 0.0)
         b_g_s = tl.where(b_live, b_scale * b_g_s, 0.0)
-        tl.store(p_gs_row + o_col, b_g_s.to(p_grad_student.dtype.element_ty), mask=m_col)
+        tl.store(p_gs_row + o_col, _to_output(b_g_s, p_grad_student.dtype.element_ty, SOFT_BF16), mask=m_col)
         if HAS_GRAD_TEACHER:
             b_g_t = tl.where(b_live, b_scale * b_g_t, 0.0)
-            tl.store(p_gt_row + o_col, b_g_t.to(p_grad_teacher.dtype.element_ty), mask=m_col)
+            tl.store(p_gt_row + o_col, _to_output(b_g_t, p_grad_teacher.dtype.element_ty, SOFT_BF16), mask=m_col)
 
     # Padding columns [vocab_size, width) get no gradient.
     b_zero = tl.zeros((BLOCK_V,), tl.float32)
@@ -402,6 +424,11 @@ def _common_args(vocab_size, temperature, divergence, beta, vs: int, vt: int):
     return vocab_size, 1.0 / temperature, div_id, beta, log_1mb, log_b
 
 
+def _empty_stats(n: int, device) -> torch.Tensor:
+    """The (4, N) float32 output of row_forward, uninitialised (tests replace this to NaN-fill it)."""
+    return torch.empty((4, n), dtype=torch.float32, device=device)
+
+
 def row_forward(student, teacher, vocab_size, temperature, divergence, beta):
     """Per-row stats (float32 (4, N): lse_s, lse_t, d, aux) per the contract in backends.py."""
     _check_logits("student", student)
@@ -416,7 +443,7 @@ def row_forward(student, teacher, vocab_size, temperature, divergence, beta):
         vocab_size, temperature, divergence, beta, student.shape[1], teacher.shape[1]
     )
     n = student.shape[0]
-    stats = torch.empty((4, n), dtype=torch.float32, device=student.device)
+    stats = _empty_stats(n, student.device)
     if n == 0:
         return stats
     student, teacher = _rows(student), _rows(teacher)
@@ -476,11 +503,12 @@ def row_backward(student, teacher, stats, coef, vocab_size, temperature, diverge
         vocab_size, inv_tau, beta, log_1mb, log_b,
     )
     if _autotune_requested(interpreted):
-        _autotuned(_row_backward_kernel)[(n,)](*args, DIVERGENCE=div_id, HAS_GRAD_TEACHER=has_gt)
+        _autotuned(_row_backward_kernel)[(n,)](*args, DIVERGENCE=div_id, HAS_GRAD_TEACHER=has_gt,
+                                               SOFT_BF16=False)
     else:
         block, warps = _launch_config(vocab_size, interpreted, backward=True)
-        _row_backward_kernel[(n,)](*args, DIVERGENCE=div_id, HAS_GRAD_TEACHER=has_gt, BLOCK_V=block,
-                                   num_warps=warps)
+        _row_backward_kernel[(n,)](*args, DIVERGENCE=div_id, HAS_GRAD_TEACHER=has_gt, SOFT_BF16=interpreted,
+                                   BLOCK_V=block, num_warps=warps)
     if out_s is not grad_student:
         grad_student.copy_(out_s)
     if has_gt and out_t is not grad_teacher:
