@@ -11,138 +11,47 @@ been built). When nvcc is present and the module is missing, they fail.
 """
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 
+from cuda_helpers import NAN, INF, assert_close, extension_skip_reason, like, logits, nvcc_path, row_atol, truth
 from topd_kernels import cuda_rows, torch_rows
-from topd_kernels.reference import token_divergence
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-NAN = float("nan")
-INF = float("inf")
 
 
-def _nvcc() -> str | None:
-    """The nvcc that setup.py would use (same lookup order)."""
-    explicit = os.environ.get("TOPD_NVCC")
-    if explicit:
-        return explicit if os.path.isfile(explicit) else None
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
-
-
-def _skip_reason() -> str | None:
-    if os.environ.get("TOPD_CUDA_BUILD", "auto").strip().lower() in ("0", "off", "false", "no", "skip"):
-        return "TOPD_CUDA_BUILD=0: the CUDA extension is deliberately not built"
-    if _nvcc() is None:
-        return "nvcc absent: the CUDA extension cannot have been built"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+pytestmark = pytest.mark.skipif(extension_skip_reason() is not None, reason=str(extension_skip_reason()))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def extension():
     built, why = cuda_rows.extension_status()
     if not built:
-        pytest.fail(f"nvcc is present ({_nvcc()}) but the CUDA extension is not built: {why}")
+        pytest.fail(f"nvcc is present ({nvcc_path()}) but the CUDA extension is not built: {why}")
     return built
 
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
-def _logits(n, width, dtype, *, offset=0, row_stride=None, scale=3.0, base=None):
-    """(n, width) logits in `dtype`, as a view with the given element offset and row stride."""
-    row_stride = row_stride or width
-    buf = torch.full((offset + n * row_stride + width,), NAN, dtype=dtype)
-    view = buf.as_strided((n, width), (row_stride, 1), offset)
-    vals = torch.randn(n, width) * scale if base is None else base
-    view.copy_(vals.to(dtype))
-    return view
-
-
-def _like(x, *, offset=0, row_stride=None):
-    """A NaN-filled output with x's shape and dtype, with its own offset and row stride."""
-    n, width = x.shape
-    row_stride = row_stride or width
-    buf = torch.full((offset + n * row_stride + width,), NAN, dtype=x.dtype)
-    return buf.as_strided((n, width), (row_stride, 1), offset)
-
-
-def _truth(student, teacher, coef, V, tau, divergence, beta, want_teacher):
-    """float64 grad of sum_t coef_t d_t (rows with coef == 0: zero, their logits never touched)."""
-    gs = torch.zeros(student.shape, dtype=torch.float64)
-    gt = torch.zeros(teacher.shape, dtype=torch.float64)
-    live = (coef != 0).nonzero().flatten()
-    if live.numel():
-        s = student[live, :V].double().requires_grad_(True)
-        t = teacher[live, :V].double().requires_grad_(want_teacher)
-        d = token_divergence(s, t, divergence, beta, tau)
-        (d * coef[live].double()).sum().backward()
-        gs[live, :V] = s.grad
-        if want_teacher:
-            gt[live, :V] = t.grad
-    return gs, (gt if want_teacher else None)
-
-
-# One unit in the last place of the output dtype (relative) ...
-OUT_REL = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
-# ... plus float32 arithmetic on log-probabilities: log p = z / tau - lse carries an absolute error of a
-# few float32 ulps of max(|z / tau|, |lse|, |d|), times coef / tau (p <= 1). Cancellation in
-# (log p_s - log p_t - d) makes this, not a relative error, the right bound.
-F32_LOG_ULPS = 16 * 2.0 ** -23
-
-
-def _row_atol(student, teacher, coef, stats, V, tau):
-    def finite_absmax(x):
-        x = x[:, :V].double().abs() / tau
-        return torch.where(torch.isfinite(x), x, 0.0).amax(dim=1) if V else torch.zeros(x.shape[0])
-    mag = torch.stack([finite_absmax(student), finite_absmax(teacher),
-                       *stats[:3].double().nan_to_num(0.0).abs(), torch.ones(student.shape[0])]).amax(dim=0)
-    return (F32_LOG_ULPS * coef.double().abs() / tau * mag)[:, None]
-
-
-def _assert_close(got, want, name, atol_row):
-    assert got.shape == want.shape
-    got64 = got.double()
-    assert not torch.isnan(got64).any(), f"{name}: NaN in the output"
-    tol = OUT_REL[got.dtype] * want.abs() + atol_row + 1e-30
-    err = (got64 - want).abs()
-    bad = err > tol
-    if bad.any():
-        i = bad.nonzero()[0].tolist()
-        raise AssertionError(
-            f"{name}: {int(bad.sum())} entries off, e.g. [{i[0]}, {i[1]}] got {got64[i[0], i[1]].item():.9g} "
-            f"want {want[i[0], i[1]].item():.9g} (tol {tol[i[0], i[1]].item():.3g}); "
-            f"max err / tol = {float((err / tol).max()):.3g}"
-        )
-
-
 def _run_and_check(student, teacher, coef, V, tau, divergence, beta, want_teacher, *, gs=None, gt=None,
                    **host_kw):
     stats = torch_rows.row_forward(student, teacher, V, tau, divergence, beta)
-    gs = _like(student) if gs is None else gs
-    gt = (_like(teacher) if gt is None else gt) if want_teacher else None
+    gs = like(student) if gs is None else gs
+    gt = (like(teacher) if gt is None else gt) if want_teacher else None
     s_before, t_before, stats_before = student.clone(), teacher.clone(), stats.clone()
     cuda_rows.row_backward_host(student, teacher, stats, coef, V, tau, divergence, beta, gs, gt, **host_kw)
     # inputs untouched (NaN-aware)
     assert torch.equal(student.isnan(), s_before.isnan()) and torch.equal(student.nan_to_num(), s_before.nan_to_num())
     assert torch.equal(teacher.isnan(), t_before.isnan()) and torch.equal(teacher.nan_to_num(), t_before.nan_to_num())
     assert torch.equal(stats.nan_to_num(), stats_before.nan_to_num())
-    want_s, want_t = _truth(student, teacher, coef, V, tau, divergence, beta, want_teacher)
-    atol = _row_atol(student, teacher, coef, stats, V, tau)
-    _assert_close(gs, want_s, "grad_student", atol)
+    want_s, want_t = truth(student, teacher, coef, V, tau, divergence, beta, want_teacher)
+    atol = row_atol(student, teacher, coef, stats, V, tau)
+    assert_close(gs, want_s, "grad_student", atol)
     masked = coef == 0
     assert (gs[masked] == 0).all() and (gs[:, V:] == 0).all()
     if want_teacher:
-        _assert_close(gt, want_t, "grad_teacher", atol)
+        assert_close(gt, want_t, "grad_teacher", atol)
         assert (gt[masked] == 0).all() and (gt[:, V:] == 0).all()
     return gs, gt
 
@@ -197,16 +106,16 @@ def test_host_matches_float64(divergence, dtypes, want_teacher, layout, seed):
     n = 7
     base_s = torch.randn(n, max(ws, wt)) * 3
     base_t = 0.6 * torch.randn(n, max(ws, wt)) * 3 + 0.8 * base_s   # correlated, like a real teacher
-    student = _logits(n, ws, dtypes[0], offset=so, row_stride=ss, base=base_s[:, :ws])
-    teacher = _logits(n, wt, dtypes[1], offset=to, row_stride=ts, base=base_t[:, :wt])
+    student = logits(n, ws, dtypes[0], offset=so, row_stride=ss, base=base_s[:, :ws])
+    teacher = logits(n, wt, dtypes[1], offset=to, row_stride=ts, base=base_t[:, :wt])
     student[:, V:] = 1e4    # garbage past vocab_size must be ignored
     teacher[:, V:] = -1e4
     masked = (1, 4)
     _poison(student, masked)
     _poison(teacher, masked)
     coef = _coef(n, masked)
-    gs = _like(student, offset=oo, row_stride=gss)
-    gt = _like(teacher, offset=oo, row_stride=gts) if want_teacher else None
+    gs = like(student, offset=oo, row_stride=gss)
+    gt = like(teacher, offset=oo, row_stride=gts) if want_teacher else None
     beta = 0.3 if divergence == "jsd" else 0.5
     _run_and_check(student, teacher, coef, V, tau, divergence, beta, want_teacher, gs=gs, gt=gt, **host_kw)
 
@@ -220,8 +129,8 @@ def test_host_matches_float64(divergence, dtypes, want_teacher, layout, seed):
 def test_neg_inf_entries(divergence, dtype, layout, seed):
     width = 1024 if layout == "aligned" else 1001
     n, V = 6, width - 3
-    s = _logits(n, width, dtype)
-    t = _logits(n, width, dtype, base=0.6 * torch.randn(n, width) * 3 + 0.8 * s.float())
+    s = logits(n, width, dtype)
+    t = logits(n, width, dtype, base=0.6 * torch.randn(n, width) * 3 + 0.8 * s.float())
     both = torch.rand(n, V) < 0.2            # banned tokens: -inf for both models
     both[:, 0] = False                       # column 0 stays finite: every row normalisable
     s[:, :V][both] = -INF
@@ -254,12 +163,12 @@ def test_neg_inf_entries(divergence, dtype, layout, seed):
 # Masked rows, edge shapes, temperature, argument checks
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_all_rows_masked_with_nonfinite_logits(divergence):
+def test_all_rows_masked_with_nonfinitelogits(divergence):
     n, width = 5, 1024
     s = torch.full((n, width), NAN, dtype=torch.bfloat16)
     t = torch.full((n, width), INF, dtype=torch.float32)
     stats = torch.full((4, n), NAN)
-    gs, gt = _like(s), _like(t)
+    gs, gt = like(s), like(t)
     cuda_rows.row_backward_host(s, t, stats, torch.zeros(n), 1000, 1.0, divergence, 0.5, gs, gt)
     assert (gs == 0).all() and (gt == 0).all()
     assert not torch.signbit(gs.float()).any(), "masked rows must be +0.0"
@@ -269,18 +178,18 @@ def test_all_rows_masked_with_nonfinite_logits(divergence):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_temperature(divergence, tau, seed):
     n, width = 4, 512
-    s = _logits(n, width, torch.float32)
-    t = _logits(n, width, torch.float32, base=0.6 * torch.randn(n, width) * 3 + 0.8 * s)
+    s = logits(n, width, torch.float32)
+    t = logits(n, width, torch.float32, base=0.6 * torch.randn(n, width) * 3 + 0.8 * s)
     _run_and_check(s, t, _coef(n), width, tau, divergence, 0.7, True)
 
 
 def test_small_and_degenerate_shapes(seed):
     for n, width, V in [(1, 8, 8), (3, 1, 1), (2, 7, 5), (2, 16, 9), (0, 32, 32), (3, 24, 0)]:
-        s = _logits(n, width, torch.bfloat16)
-        t = _logits(n, width + 2, torch.float32)
+        s = logits(n, width, torch.bfloat16)
+        t = logits(n, width + 2, torch.float32)
         coef = _coef(n)
         if V == 0:   # nothing to differentiate: everything is padding
-            gs, gt = _like(s), _like(t)
+            gs, gt = like(s), like(t)
             stats = torch.zeros(4, n)
             cuda_rows.row_backward_host(s, t, stats, coef, 0, 1.0, "reverse_kl", 0.5, gs, gt)
             assert (gs == 0).all() and (gt == 0).all()
@@ -291,8 +200,8 @@ def test_small_and_degenerate_shapes(seed):
 
 def test_beta_extremes_jsd(seed):
     n, width = 4, 256
-    s = _logits(n, width, torch.float32)
-    t = _logits(n, width, torch.float32)
+    s = logits(n, width, torch.float32)
+    t = logits(n, width, torch.float32)
     for beta in (0.01, 0.5, 0.99):
         _run_and_check(s, t, _coef(n), width, 1.0, "jsd", beta, True)
 
@@ -300,19 +209,19 @@ def test_beta_extremes_jsd(seed):
 def test_stats_and_coef_strides(seed):
     """stats as a (4, N) view with a non-unit row stride, coef as a strided view."""
     n, width = 6, 264
-    s = _logits(n, width, torch.float16)
-    t = _logits(n, width, torch.float16)
+    s = logits(n, width, torch.float16)
+    t = logits(n, width, torch.float16)
     stats = torch_rows.row_forward(s, t, width, 1.0, "reverse_kl", 0.5)
     wide = torch.full((4, 2 * n), NAN)
     wide[:, ::2] = stats
     coef_buf = torch.full((3 * n,), NAN)
     coef_buf[::3] = _coef(n, (0,))
-    gs, gt = _like(s), _like(t)
+    gs, gt = like(s), like(t)
     cuda_rows.row_backward_host(s, t, wide[:, ::2], coef_buf[::3], width, 1.0, "reverse_kl", 0.5, gs, gt)
-    want_s, want_t = _truth(s, t, coef_buf[::3], width, 1.0, "reverse_kl", 0.5, True)
-    atol = _row_atol(s, t, coef_buf[::3], stats, width, 1.0)
-    _assert_close(gs, want_s, "grad_student", atol)
-    _assert_close(gt, want_t, "grad_teacher", atol)
+    want_s, want_t = truth(s, t, coef_buf[::3], width, 1.0, "reverse_kl", 0.5, True)
+    atol = row_atol(s, t, coef_buf[::3], stats, width, 1.0)
+    assert_close(gs, want_s, "grad_student", atol)
+    assert_close(gt, want_t, "grad_teacher", atol)
 
 
 def test_argument_checks():
