@@ -18,6 +18,11 @@ TOPD = dict(window=3, gamma=0.5, loss_threshold=Quantile(0.4), div_threshold=Qua
             suppress_weight=0.25, guidance_weight=0.8)
 
 
+@pytest.fixture(autouse=True)
+def poisoned(nan_poisoned_empty):
+    """torch.empty returns NaN-filled tensors (conftest.py): stats and gradients the backend allocates."""
+
+
 def on_device(problem):
     return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in problem.items()}
 

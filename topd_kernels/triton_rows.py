@@ -424,11 +424,6 @@ def _common_args(vocab_size, temperature, divergence, beta, vs: int, vt: int):
     return vocab_size, 1.0 / temperature, div_id, beta, log_1mb, log_b
 
 
-def _empty_stats(n: int, device) -> torch.Tensor:
-    """The (4, N) float32 output of row_forward, uninitialised (tests replace this to NaN-fill it)."""
-    return torch.empty((4, n), dtype=torch.float32, device=device)
-
-
 def row_forward(student, teacher, vocab_size, temperature, divergence, beta):
     """Per-row stats (float32 (4, N): lse_s, lse_t, d, aux) per the contract in backends.py."""
     _check_logits("student", student)
@@ -443,7 +438,7 @@ def row_forward(student, teacher, vocab_size, temperature, divergence, beta):
         vocab_size, temperature, divergence, beta, student.shape[1], teacher.shape[1]
     )
     n = student.shape[0]
-    stats = _empty_stats(n, student.device)
+    stats = torch.empty((4, n), dtype=torch.float32, device=student.device)
     if n == 0:
         return stats
     student, teacher = _rows(student), _rows(teacher)

@@ -1,0 +1,91 @@
+"""The Triton row kernels compile for a real GPU target (sm_90), checked on a machine without a GPU.
+
+The interpreter runs the kernels' Python, not Triton's compiler: type errors in loop-carried values,
+unsupported ops or register spills would only show on a GPU. Triton can compile ahead of time for a
+given target with its bundled ptxas and no device, so this test does that in a subprocess (the test
+session itself runs with TRITON_INTERPRET=1, under which the kernels are interpreter objects). It also
+checks that the row offset is computed in 64 bits. On a CUDA machine the GPU tests compile the kernels
+for real, so this one is skipped there.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+SCRIPT = textwrap.dedent(r"""
+    import json, os, re, subprocess, tempfile
+    import triton
+    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget
+    import topd_kernels.triton_rows as tr
+
+    target = GPUTarget("cuda", 90, 32)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+    def resources(kernel):
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        found = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out))
+        return {k: int(v) for k, v in found.items()}
+
+    ints = lambda names: {n: "i32" for n in names}
+    results = []
+    for div in (0, 1, 2):
+        for ds, dt in (("*bf16", "*bf16"), ("*fp32", "*fp16")):
+            sig = {"p_student": ds, "p_teacher": dt, "p_stats": "*fp32",
+                   **ints(["stride_student", "stride_teacher", "stride_stats_k", "stride_stats_n", "vocab_size"]),
+                   "inv_temperature": "fp32", "beta": "fp32", "log_one_minus_beta": "fp32", "log_beta": "fp32",
+                   "DIVERGENCE": "constexpr", "BLOCK_V": "constexpr"}
+            k = triton.compile(ASTSource(tr._row_forward_kernel, sig, constexprs={"DIVERGENCE": div, "BLOCK_V": 4096}),
+                               target=target, options={"num_warps": 8})
+            i64_rows = "arith.muli %i_n" in k.asm["ttir"] and ": i64" in k.asm["ttir"]
+            results.append(dict(kernel="forward", div=div, dtypes=[ds, dt], i64=i64_rows, **resources(k)))
+            for has_gt in (True, False):
+                sig = {"p_student": ds, "p_teacher": dt, "p_stats": "*fp32", "p_coef": "*fp32",
+                       "p_grad_student": ds, "p_grad_teacher": dt,
+                       **ints(["stride_student", "stride_teacher", "stride_stats_k", "stride_stats_n", "stride_coef",
+                               "stride_grad_student", "stride_grad_teacher", "width_grad_student",
+                               "width_grad_teacher", "vocab_size"]),
+                       "inv_temperature": "fp32", "beta": "fp32", "log_one_minus_beta": "fp32", "log_beta": "fp32",
+                       "DIVERGENCE": "constexpr", "HAS_GRAD_TEACHER": "constexpr", "SOFT_BF16": "constexpr",
+                       "BLOCK_V": "constexpr"}
+                k = triton.compile(ASTSource(tr._row_backward_kernel, sig, constexprs={
+                    "DIVERGENCE": div, "HAS_GRAD_TEACHER": has_gt, "SOFT_BF16": False, "BLOCK_V": 4096}),
+                    target=target, options={"num_warps": 8})
+                i64_rows = "arith.muli %i_n" in k.asm["ttir"] and ": i64" in k.asm["ttir"]
+                results.append(dict(kernel="backward", div=div, dtypes=[ds, dt], teacher_grad=has_gt, i64=i64_rows,
+                                    **resources(k)))
+    print("RESULTS" + json.dumps(results))
+""")
+
+
+def _can_compile_for_cuda():
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except Exception:
+        return False
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.path.exists(ptxas)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for real by the GPU tests on a CUDA machine")
+@pytest.mark.skipif(not _can_compile_for_cuda(), reason="this triton has no NVIDIA backend / bundled ptxas")
+def test_kernels_compile_for_sm90_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    assert len(results) == 18
+    for r in results:
+        assert r["i64"], f"row offset not computed in 64 bits: {r}"
+        assert r.get("LOCAL", 0) == 0 and r.get("STACK", 0) == 0, f"register spills: {r}"
+        assert 0 < r["REG"] <= 255, r
