@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     fwd_bytes = n * V * 2 * elt + 4 * n * 4
     bwd_bytes = n * V * (2 * elt + elt * (2 if args.teacher_grad else 1)) + 4 * n * 4 + n * 4
 
-    def row(name, timing, min_bytes):
+    def row(timing, min_bytes):
         bw = min_bytes / (timing["median_ms"] * 1e-3)
         return dict(timing, min_bytes=min_bytes, achieved_GBps=bw / 1e9, fraction_of_copy_bw=bw / copy_bw)
 
@@ -115,14 +115,14 @@ def main(argv=None) -> int:
         if not torch.isfinite(stats).all():
             _fail(f"{divergence}: row_forward produced non-finite stats on finite inputs; not timing it.")
         entry = dict(divergence=divergence)
-        entry["triton_forward"] = row("forward", bench(lambda: triton_rows.row_forward(student, teacher, *call)),
+        entry["triton_forward"] = row(bench(lambda: triton_rows.row_forward(student, teacher, *call)),
                                       fwd_bytes)
-        entry["triton_backward"] = row("backward", bench(lambda: triton_rows.row_backward(
+        entry["triton_backward"] = row(bench(lambda: triton_rows.row_backward(
             student, teacher, stats, coef, *call, grad_s, grad_t)), bwd_bytes)
         if args.torch:
-            entry["torch_forward"] = row("forward", bench(lambda: torch_rows.row_forward(student, teacher, *call)),
+            entry["torch_forward"] = row(bench(lambda: torch_rows.row_forward(student, teacher, *call)),
                                          fwd_bytes)
-            entry["torch_backward"] = row("backward", bench(lambda: torch_rows.row_backward(
+            entry["torch_backward"] = row(bench(lambda: torch_rows.row_backward(
                 student, teacher, stats, coef, *call, grad_s, grad_t)), bwd_bytes)
         results.append(entry)
         for key in ("triton_forward", "triton_backward", "torch_forward", "torch_backward"):

@@ -58,7 +58,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Working with shifted log-weights (not raw a_s - a_t) keeps the cancellation in X / L_s - log L_s +
 # log L_t at the size of the log-probabilities instead of the size of the logits.
 # Terms with p_s = 0 (a_s = -inf) contribute 0 (tl.where, never 0 * inf). A position with p_s > 0 and
-# p_t = 0 makes the divergence +inf: it is flagged (INF_HIT) and left out of X, and d = +inf.
+# p_t = 0 makes the divergence +inf: it is flagged (b_inf_hit) and left out of X, and d = +inf.
 #
 # Forward KL, one pass: the mirror image, X = sum_v exp(a_t - M_t) (l_t - l_s), rescaled by alpha_t,
 #     d = X / L_t - log L_t + log L_s,  +inf when p_t > 0 where p_s = 0.
@@ -72,6 +72,13 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #     d = beta K_t + (1 - beta) K_s,  aux = K_s,
 # with log mix = logaddexp(log(1-beta) + log p_s, log(beta) + log p_t), evaluated as
 # hi + log(1 + exp(lo - hi)) and -inf when both are -inf; p * (...) with p = 0 is 0.
+#
+# Precision. The maxima are tracked on the raw logits z (dividing by tau > 0 keeps the order) and only
+# shifted differences are scaled: l = (z - max z) * (1/tau). The rounding of the scaling (and of 1/tau
+# itself) is then relative to the size of the log-probabilities, not to the size of the logits, which
+# keeps d as accurate as a plain float32 log_softmax computation. lse = max z * (1/tau) + log L is
+# scaled exactly as the backward scales z (z * (1/tau) - lse), so that the rounding of 1/tau cancels
+# between the two to first order.
 @triton.jit
 def _row_forward_kernel(
     p_student,  # *fp32/bf16/fp16: student logits; row i starts at p_student + i * stride_student
@@ -95,9 +102,7 @@ def _row_forward_kernel(
     o_v = tl.arange(0, BLOCK_V)
 
     neg_inf = float("-inf")
-    # Maxima are tracked on the raw logits z (tau > 0 keeps the order) and only the shifted differences
-    # z - max(z) are scaled by 1/tau: the rounding of the scaling is then relative to the size of the
-    # log-probabilities, not to the size of the logits (see "Precision" above).
+    # Maxima of the raw logits; only shifted differences are scaled by 1/tau (see "Precision" above).
     b_max_s = tl.full((), neg_inf, tl.float32)  # running max of z_s (M_s = b_max_s / tau)
     b_max_t = tl.full((), neg_inf, tl.float32)  # running max of z_t (M_t = b_max_t / tau)
     b_sum_s = tl.zeros((), tl.float32)  # running L_s = sum exp(a_s - M_s)
@@ -146,8 +151,7 @@ def _row_forward_kernel(
 
     b_log_sum_s = tl.log(b_sum_s)
     b_log_sum_t = tl.log(b_sum_t)
-    # lse = max(z) * (1/tau) + log L, scaled exactly as the backward scales z (z * (1/tau) - lse), so that
-    # the rounding of 1/tau cancels between the two to first order.
+    # lse = max z * (1/tau) + log L: scaled as the backward scales z (see "Precision" above).
     b_lse_s = b_max_s * inv_temperature + b_log_sum_s
     b_lse_t = b_max_t * inv_temperature + b_log_sum_t
     b_aux = tl.zeros((), tl.float32)
