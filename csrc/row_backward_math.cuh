@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+#include <stdexcept>
 
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -74,11 +75,21 @@ template <> struct Cvt<__half> {
 };
 
 // ---- 16-byte vector loads / stores (caller guarantees 16-byte alignment) ---------------------------
+// The host build checks that guarantee (memcpy would hide a misaligned access that faults on the GPU).
+TOPD_HD void check_aligned16(const void* p) {
+#ifndef __CUDA_ARCH__
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+        throw std::logic_error("topd_kernels: misaligned 16-byte vector access (host check of the CUDA code)");
+#endif
+    (void)p;
+}
+
 template <typename T>
 TOPD_HD void load_vec(const T* __restrict__ p, float (&out)[kVec]) {
     static_assert((kVec * sizeof(T)) % 16 == 0, "vector of kVec elements must be whole 16-byte words");
     constexpr int kWords = kVec * sizeof(T) / 16;
     uint4 w[kWords];
+    check_aligned16(p);
 #ifdef __CUDA_ARCH__
 #pragma unroll
     for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const uint4*>(p)[i];
@@ -102,6 +113,7 @@ TOPD_HD void store_vec(T* __restrict__ p, const float (&in)[kVec]) {
     T e[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) e[i] = Cvt<T>::from_float(in[i]);
+    check_aligned16(p);
 #ifdef __CUDA_ARCH__
 #pragma unroll
     for (int i = 0; i < kWords; ++i) reinterpret_cast<uint4*>(p)[i] = reinterpret_cast<const uint4*>(e)[i];
