@@ -4,7 +4,8 @@ The interpreter runs the kernels' Python, not Triton's compiler: type errors in 
 unsupported ops or register spills would only show on a GPU. Triton can compile ahead of time for a
 given target with its bundled ptxas and no device, so this test does that in a subprocess (the test
 session itself runs with TRITON_INTERPRET=1, under which the kernels are interpreter objects). It also
-checks that the row offset is computed in 64 bits. On a CUDA machine the GPU tests compile the kernels
+checks that the row offset is computed in 64 bits, and compiles the hand-rounded bf16 output path
+(SOFT_BF16, used by the interpreter and by a GPU test) too. On a CUDA machine the GPU tests compile the kernels
 for real, so this one is skipped there.
 """
 import json
@@ -46,7 +47,7 @@ SCRIPT = textwrap.dedent(r"""
                                target=target, options={"num_warps": 8})
             i64_rows = "arith.muli %i_n" in k.asm["ttir"] and ": i64" in k.asm["ttir"]
             results.append(dict(kernel="forward", div=div, dtypes=[ds, dt], i64=i64_rows, **resources(k)))
-            for has_gt in (True, False):
+            for has_gt, soft in ((True, False), (False, False), (True, True)):
                 sig = {"p_student": ds, "p_teacher": dt, "p_stats": "*fp32", "p_coef": "*fp32",
                        "p_grad_student": ds, "p_grad_teacher": dt,
                        **ints(["stride_student", "stride_teacher", "stride_stats_k", "stride_stats_n", "stride_coef",
@@ -56,10 +57,11 @@ SCRIPT = textwrap.dedent(r"""
                        "DIVERGENCE": "constexpr", "HAS_GRAD_TEACHER": "constexpr", "SOFT_BF16": "constexpr",
                        "BLOCK_V": "constexpr"}
                 k = triton.compile(ASTSource(tr._row_backward_kernel, sig, constexprs={
-                    "DIVERGENCE": div, "HAS_GRAD_TEACHER": has_gt, "SOFT_BF16": False, "BLOCK_V": 4096}),
+                    "DIVERGENCE": div, "HAS_GRAD_TEACHER": has_gt, "SOFT_BF16": soft, "BLOCK_V": 4096}),
                     target=target, options={"num_warps": 8})
                 i64_rows = "arith.muli %i_n" in k.asm["ttir"] and ": i64" in k.asm["ttir"]
-                results.append(dict(kernel="backward", div=div, dtypes=[ds, dt], teacher_grad=has_gt, i64=i64_rows,
+                results.append(dict(kernel="backward", div=div, dtypes=[ds, dt], teacher_grad=has_gt, soft_bf16=soft,
+                                    i64=i64_rows,
                                     **resources(k)))
     print("RESULTS" + json.dumps(results))
 """)
@@ -84,7 +86,7 @@ def test_kernels_compile_for_sm90_without_spills():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.split("RESULTS", 1)[1])
-    assert len(results) == 18
+    assert len(results) == 24
     for r in results:
         assert r["i64"], f"row offset not computed in 64 bits: {r}"
         assert r.get("LOCAL", 0) == 0 and r.get("STACK", 0) == 0, f"register spills: {r}"
