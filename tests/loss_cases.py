@@ -74,9 +74,9 @@ def _plain_at_input_dtype(problem, kwargs, ref_stats, teacher_grad, upstream):
     valid = problem["mask"]
     d = topd_kernels.reference.token_divergence(
         student[valid][:, :V], teacher[valid][:, :V], cfg.get("divergence", "reverse_kl"),
-        cfg.get("beta", 0.5), cfg.get("temperature", 1.0), dtype=student.dtype)
+        cfg.get("beta", 0.5), cfg.get("temperature", 1.0), dtype=None)
     weight = ref_stats.weight[valid].to(d.dtype)
-    g = upstream[valid].to(d.dtype) if upstream is not None else None
+    g = upstream[valid].to(d.dtype) if upstream is not None else None  # d: the promoted dtype of the two
     total = (weight * d * g).sum() if g is not None else (weight * d).sum()
     return torch.autograd.grad(total, [student, teacher] if teacher_grad else [student])
 

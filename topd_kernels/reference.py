@@ -20,9 +20,13 @@ def _sum_p_log_ratio(p, log_p, log_q):
 
 
 def token_divergence(student, teacher, divergence: str, beta: float, temperature: float, dtype=torch.float64):
-    """Per-row divergence d, computed in `dtype` (float64 for the reference). student, teacher: (R, V) -> (R,)."""
-    log_ps = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
-    log_pt = torch.log_softmax(teacher.to(dtype) / temperature, dim=-1)
+    """Per-row divergence d. student, teacher: (R, V) -> (R,).
+
+    Computed in `dtype` (float64 for the reference); dtype=None keeps each input's own dtype, as plain
+    PyTorch would (the tests' low-precision yardstick).
+    """
+    log_ps = torch.log_softmax((student if dtype is None else student.to(dtype)) / temperature, dim=-1)
+    log_pt = torch.log_softmax((teacher if dtype is None else teacher.to(dtype)) / temperature, dim=-1)
     ps, pt = log_ps.exp(), log_pt.exp()
     if divergence == "reverse_kl":
         return _sum_p_log_ratio(ps, log_ps, log_pt)
