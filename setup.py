@@ -191,10 +191,10 @@ class CleanBuild(build):
     """`build` that first removes a stale build/lib*: leftovers there would be packed into the wheel."""
 
     def run(self):
-        lib = os.path.abspath(self.build_lib)
-        if os.path.isdir(lib) and lib.startswith(os.path.join(HERE, "build") + os.sep):
-            _say(f"removing stale {os.path.relpath(lib, HERE)}")
-            shutil.rmtree(lib)
+        for lib in dict.fromkeys(os.path.abspath(d) for d in (self.build_lib, self.build_purelib, self.build_platlib)):
+            if os.path.isdir(lib) and lib.startswith(os.path.join(HERE, "build") + os.sep):
+                _say(f"removing stale {os.path.relpath(lib, HERE)}")
+                shutil.rmtree(lib)
         super().run()
 
 
