@@ -5,7 +5,7 @@
 - every divergence, dtype pair and memory layout of the host tests, on the device, vs float64;
 - the host build vs the device on the same inputs (the CPU CI's check is representative);
 - outputs NaN-poisoned before every call; masked rows with non-finite logits;
-- a non-default stream (ordering after work queued on it), and row chunking (small N, wide rows).
+- a non-default stream (ordering after work queued on it), row chunking (small N, wide rows), N * V > 2**31.
 """
 from __future__ import annotations
 
@@ -190,3 +190,21 @@ def test_errors_are_clean():
     with pytest.raises(ValueError, match="cpu|device"):
         cuda_rows.row_backward(s, s.cpu(), torch.zeros(4, 4, device="cuda"), torch.ones(4, device="cuda"), 64,
                                1.0, "reverse_kl", 0.5, torch.empty_like(s), None)
+
+
+def test_more_than_2_31_elements(seed):
+    """N * V > 2**31 (element offsets beyond int32): the last rows must be right, nothing left unwritten."""
+    V = 151936
+    n = 2**31 // V + 96
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs about 25 GiB of GPU memory")
+    s, t, coef = _problem(n, V, V, V, torch.bfloat16, torch.bfloat16, masked=(n - 2,))
+    stats = torch_rows.row_forward(s, t, V, 1.0, "reverse_kl", 0.5)
+    gs = torch.full_like(s, NAN)
+    cuda_rows.row_backward(s, t, stats, coef, V, 1.0, "reverse_kl", 0.5, gs, None)
+    torch.cuda.synchronize()
+    assert not gs.isnan().any()
+    assert (gs[n - 2] == 0).all()
+    rows = torch.tensor([0, n // 2, n - 3, n - 1], device="cuda")
+    want_s, _ = truth(s[rows], t[rows], coef[rows], V, 1.0, "reverse_kl", 0.5, False)
+    assert_close(gs[rows], want_s, "grad_student", row_atol(s[rows], t[rows], coef[rows], stats[:, rows], V, 1.0))
