@@ -53,11 +53,12 @@ def rand_logits(n, v, *, dtype=torch.float32, pad=(0, 0), scale=3.0):
 
 
 def truth(student, teacher, V, tau, divergence, coef, dtype=torch.float64):
-    """(stats (4, N), grad_s (N, V), grad_t (N, V)) from the shared reference formula at `dtype`."""
-    a_s = student[:, :V].detach().clone().to(dtype).requires_grad_(True)
-    a_t = teacher[:, :V].detach().clone().to(dtype).requires_grad_(True)
+    """(stats (4, N), grad_s (N, V), grad_t (N, V)) from the shared reference formula at `dtype`;
+    dtype=None: each input at its own dtype, as plain PyTorch would (the low-precision yardstick)."""
+    a_s = student[:, :V].detach().clone().to(dtype or student.dtype).requires_grad_(True)
+    a_t = teacher[:, :V].detach().clone().to(dtype or teacher.dtype).requires_grad_(True)
     d = reference.token_divergence(a_s, a_t, divergence, BETA, tau, dtype=dtype)
-    grad_s, grad_t = torch.autograd.grad((d * coef.to(dtype)).sum(), [a_s, a_t])
+    grad_s, grad_t = torch.autograd.grad((d * coef.to(d.dtype)).sum(), [a_s, a_t])
     with torch.no_grad():
         lse_s = torch.logsumexp(a_s / tau, -1)
         lse_t = torch.logsumexp(a_t / tau, -1)
@@ -79,18 +80,13 @@ def run_rows(student, teacher, V, tau, divergence, coef, teacher_grad=True):
     return stats, grad_s, grad_t
 
 
-def plain_dtype(student, teacher):
-    """The dtype plain PyTorch would compute in: the less precise of the two inputs."""
-    return student.dtype if ULP[student.dtype] >= ULP[teacher.dtype] else teacher.dtype
-
-
 def check_rows(student, teacher, V, tau, divergence, coef, teacher_grad=True):
     """Run the kernels and compare with the float64 truth and with plain PyTorch at the input dtype."""
     stats, grad_s, grad_t = run_rows(student, teacher, V, tau, divergence, coef, teacher_grad)
     s64, t64 = student.double(), teacher.double()
     true_stats, true_gs, true_gt = truth(s64, t64, V, tau, divergence, coef.double())
-    low = plain_dtype(student, teacher)
-    plain_stats, plain_gs, plain_gt = truth(student, teacher, V, tau, divergence, coef, dtype=low)
+    low = f"{student.dtype}/{teacher.dtype}".replace("torch.", "")
+    plain_stats, plain_gs, plain_gt = truth(student, teacher, V, tau, divergence, coef, dtype=None)
 
     assert stats.dtype == torch.float32 and stats.shape == (4, student.shape[0])
     assert torch.isfinite(stats).all(), "stats: unwritten (NaN) or non-finite entries"
