@@ -1,0 +1,182 @@
+"""The reference training loop (topd_kernels.train): task, sampling, teacher cache, every method, CLI."""
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from topd_kernels.train import cli
+from topd_kernels.train.loop import DistillConfig, distill
+from topd_kernels.train.methods import METHODS, MethodSettings, loss_kwargs
+from topd_kernels.train.model import ModelConfig, build_model
+from topd_kernels.train.plot import plot_accuracy
+from topd_kernels.train.rollout import sample_rollouts, teacher_rewrite
+from topd_kernels.train.task import EOS_ID, VOCAB_SIZE, ArithmeticTask, Problem, TaskConfig, decode, parse_answer
+from topd_kernels.train.teacher import TeacherConfig, load_or_train_teacher
+
+TINY_TASK = TaskConfig(n_ops=2, test_size=16, test_seed=7)
+
+
+def tiny_model(seed: int, d_model: int = 16) -> torch.nn.Module:
+    return build_model(ModelConfig(VOCAB_SIZE, TINY_TASK.seq_len, d_model, 1, 2), seed)
+
+
+def test_task_solutions_are_correct_and_parse():
+    task = ArithmeticTask(TaskConfig(n_ops=3, test_size=8))
+    problem = Problem(4, (("+", 7), ("*", 3), ("-", 2)))
+    text = problem.solution(random.Random(0))
+    assert problem.prompt == "4+7*3-2>"
+    assert text[:5] == "4+7=1" and text[6:11] == "1*3=3" and text.endswith("#1.")
+    assert parse_answer(text) == problem.answer == 1
+    assert parse_answer("4+7=1;#") is None and parse_answer("") is None
+    tokens = task.encode_solutions([problem], random.Random(0))
+    assert tokens.shape == (1, task.config.seq_len)
+    assert task.score([problem], tokens).tolist() == [True]
+
+
+def test_task_is_deterministic_and_test_set_held_out():
+    task = ArithmeticTask(TINY_TASK)
+    assert [p.prompt for p in task.test_problems] == [p.prompt for p in ArithmeticTask(TINY_TASK).test_problems]
+    draws = task.sample_problems(500, random.Random(3))
+    assert draws == task.sample_problems(500, random.Random(3))
+    assert not {p.prompt for p in draws} & {p.prompt for p in task.test_problems}
+
+
+def test_sampling_is_deterministic_under_a_seed():
+    task = ArithmeticTask(TINY_TASK)
+    model = tiny_model(0)
+    prompts = task.encode_prompts(task.test_problems)
+
+    def draw(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return sample_rollouts(model, prompts, TINY_TASK.seq_len, 1.0, generator)
+
+    (tokens_a, mask_a), (tokens_b, mask_b), (tokens_c, _) = draw(5), draw(5), draw(6)
+    assert torch.equal(tokens_a, tokens_b) and torch.equal(mask_a, mask_b)
+    assert not torch.equal(tokens_a, tokens_c)
+    assert torch.equal(tokens_a[:, : TINY_TASK.prompt_len], prompts)
+    assert not mask_a[:, : TINY_TASK.prompt_len].any() and mask_a[:, TINY_TASK.prompt_len].all()
+    for row, mask in zip(tokens_a, mask_a):
+        eos = (row == EOS_ID).nonzero()
+        if len(eos):
+            assert mask[eos[0, 0]] and not mask[eos[0, 0] + 1 :].any()
+
+
+def test_teacher_rewrite_keeps_prefix_and_leaves_unflagged_rows():
+    task = ArithmeticTask(TINY_TASK)
+    student, teacher = tiny_model(1), tiny_model(2)
+    prompts = task.encode_prompts(task.test_problems[:4])
+    tokens, mask = sample_rollouts(student, prompts, TINY_TASK.seq_len, 1.0, torch.Generator().manual_seed(0))
+    divergent = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool)
+    fork = TINY_TASK.prompt_len + 1
+    divergent[0, fork] = True
+    new_tokens, new_mask = teacher_rewrite(teacher, tokens, mask, divergent)
+    assert torch.equal(new_tokens[1:], tokens[1:]) and torch.equal(new_mask[1:], mask[1:])
+    assert torch.equal(new_tokens[0, : fork + 1], tokens[0, : fork + 1])
+    assert new_mask[0, TINY_TASK.prompt_len :].sum() > 0 and not new_mask[0, : TINY_TASK.prompt_len].any()
+
+
+def test_teacher_cache_round_trip(tmp_path):
+    task = ArithmeticTask(TINY_TASK)
+    config = TeacherConfig(d_model=16, n_layers=1, n_heads=2, max_steps=3, batch_size=8, eval_every=100)
+    first, info = load_or_train_teacher(task, config, torch.device("cpu"), tmp_path, progress=False)
+    second, info_again = load_or_train_teacher(task, config, torch.device("cpu"), tmp_path, progress=False)
+    assert not info["cached"] and info_again["cached"] and info["path"] == info_again["path"]
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not any(p.requires_grad for p in second.parameters())
+    other = TeacherConfig(**{**config.__dict__, "seed": 1})
+    _, info_other = load_or_train_teacher(task, other, torch.device("cpu"), tmp_path, progress=False)
+    assert not info_other["cached"] and info_other["path"] != info["path"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains(method):
+    task = ArithmeticTask(TINY_TASK)
+    teacher = tiny_model(10, d_model=32).requires_grad_(False)
+    student = tiny_model(11)
+    before = [p.detach().clone() for p in student.parameters()]
+    config = DistillConfig(steps=3, batch_size=8, eval_every=2, settings=MethodSettings(window=3))
+    result = distill(student, teacher, task, method, config, seed=0, device=torch.device("cpu"), progress=False)
+    assert len(result["steps"]) == 3 and [e["step"] for e in result["evals"]] == [0, 2, 3]
+    for record in result["steps"]:
+        assert math.isfinite(record["loss"]) and record["loss"] >= 0 and math.isfinite(record["mean_kl"])
+        assert 0.0 <= record["nondivergent_share"] <= 1.0
+    assert all(0.0 <= e["accuracy"] <= 1.0 for e in result["evals"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_runs_are_deterministic_under_a_seed():
+    task = ArithmeticTask(TINY_TASK)
+    teacher = tiny_model(10, d_model=32).requires_grad_(False)
+    config = DistillConfig(steps=2, batch_size=8, eval_every=2)
+    runs = [distill(tiny_model(11), teacher, task, "topd", config, 4, torch.device("cpu"), progress=False)
+            for _ in range(2)]
+    assert [r["loss"] for r in runs[0]["steps"]] == [r["loss"] for r in runs[1]["steps"]]
+
+
+def test_method_keywords():
+    settings = MethodSettings(window=5, guidance_weight=0.7)
+    assert loss_kwargs("opd", settings) == {"divergence": "reverse_kl", "window": 1}
+    assert loss_kwargs("trd", settings) == {"divergence": "forward_kl", "window": 1}
+    assert loss_kwargs("opd-filter", settings)["guidance_weight"] == 0.0
+    topd = loss_kwargs("topd", settings)
+    assert topd["guidance_weight"] == 0.7 and topd["window"] == 5 and topd["loss_threshold"] is not None
+    with pytest.raises(ValueError, match="unknown method"):
+        loss_kwargs("sft", settings)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "ppo"], "invalid choice"),
+        (["--steps", "0"], "must be > 0"),
+        (["--steps", "-3"], "must be > 0"),
+        (["--steps", "many"], "expected an integer"),
+        (["--compare", "--methods", "opd,sft"], "unknown method"),
+        (["--seeds", "a,b"], "comma-separated integers"),
+        (["--loss-quantile", "1.5"], "loss_quantile must be in [0, 1]"),
+        (["--gamma", "-0.1"], "gamma must be in [0, 1]"),
+        (["--lr", "0"], "lr must be > 0"),
+        (["--device", "tpu-ish"], "--device"),
+    ],
+)
+def test_bad_cli_args_give_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv + ["--out", "unused"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_compare_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--compare", "--methods", "opd,topd", "--seeds", "0", "--steps", "2", "--batch-size", "8",
+            "--eval-every", "1", "--n-ops", "2", "--test-size", "8", "--student-d-model", "16",
+            "--student-layers", "1", "--student-sft-steps", "2", "--teacher-d-model", "16",
+            "--teacher-layers", "1", "--teacher-steps", "2", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "opd" in printed and "topd" in printed and "seed 0" in printed
+    log = json.loads((out / "log.json").read_text())
+    assert [run["method"] for run in log["runs"]] == ["opd", "topd"]
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_builtin_png_renderer(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    runs = [{"method": "opd", "seed": 0, "evals": [{"step": 0, "accuracy": 0.2}, {"step": 10, "accuracy": 0.5}]}]
+    message = plot_accuracy(runs, tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" in data[-12:] and "matplotlib" in message
+    assert decode([1] + [2, 12, 5]) == "0+3"
