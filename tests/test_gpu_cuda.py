@@ -208,3 +208,21 @@ def test_more_than_2_31_elements(seed):
     rows = torch.tensor([0, n // 2, n - 3, n - 1], device="cuda")
     want_s, _ = truth(s[rows], t[rows], coef[rows], V, 1.0, "reverse_kl", 0.5, False)
     assert_close(gs[rows], want_s, "grad_student", row_atol(s[rows], t[rows], coef[rows], stats[:, rows], V, 1.0))
+
+
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+                         ids=["bf16", "fp32-bf16"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_fused_window_kl_triton_cuda_end_to_end(divergence, dtypes, layout, seed):
+    """fused_window_kl(backend="triton+cuda") vs the float64 reference (the lead's check_backend)."""
+    import topd_kernels
+    from loss_cases import check_backend, make_problem
+    from topd_kernels.backends import resolve
+
+    assert resolve("auto", torch.device("cuda")).name == "triton+cuda"
+    problem = make_problem(layout, dtype=dtypes[0], teacher_dtype=dtypes[1], pad=(3, 17), neg_inf=True)
+    problem = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in problem.items()}
+    check_backend("triton+cuda", problem, teacher_grad=True, divergence=divergence, beta=0.3, temperature=1.0,
+                  window=4, gamma=0.8, suppress_weight=0.2, guidance_weight=0.5,
+                  loss_threshold=topd_kernels.Quantile(0.4), div_threshold=topd_kernels.Quantile(0.5))
