@@ -21,16 +21,25 @@ def _row_chunks(n_rows: int, vocab_size: int):
 
 
 def _scaled(logits: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
-    """a = z[:, :V] / tau in float32, as a fresh tensor (never a view of the input)."""
-    return logits[:, :vocab_size].to(torch.float32) / temperature
+    """a = z[:, :V] / tau in float32 (a view of float32 logits when tau == 1: never written to)."""
+    scaled = logits[:, :vocab_size].to(torch.float32)
+    return scaled if temperature == 1.0 else scaled / temperature
+
+
+def _log_probs(logits: torch.Tensor, vocab_size: int, temperature: float):
+    """(log p, lse) of a chunk of rows: the fused log_softmax, and lse = max(a) - max(log p)."""
+    scaled = _scaled(logits, vocab_size, temperature)
+    log_p = torch.log_softmax(scaled, dim=-1)
+    return log_p, scaled.amax(dim=-1) - log_p.amax(dim=-1)
 
 
 def _weighted_log_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor, shift=None) -> torch.Tensor:
-    """p * (log p - log q - shift) elementwise, 0 where p == 0. shift: (R, 1) or None."""
-    diff = log_p - log_q
+    """p * (log p - log q - shift) elementwise, 0 where p == 0 (a fresh tensor). shift: (R, 1) or None."""
+    out = log_p - log_q
     if shift is not None:
-        diff = diff - shift
-    return torch.where(p > 0, p * diff, torch.zeros_like(p))
+        out -= shift
+    out *= p
+    return out.masked_fill_(p == 0, 0.0)
 
 
 def _log_mix(log_ps, log_pt, beta: float):
@@ -43,12 +52,8 @@ def row_forward(student, teacher, vocab_size, temperature, divergence, beta):
     n = student.shape[0]
     stats = torch.empty(4, n, dtype=torch.float32, device=student.device)
     for rows in _row_chunks(n, vocab_size):
-        log_ps = _scaled(student[rows], vocab_size, temperature)
-        log_pt = _scaled(teacher[rows], vocab_size, temperature)
-        lse_s = torch.logsumexp(log_ps, dim=-1)
-        lse_t = torch.logsumexp(log_pt, dim=-1)
-        log_ps -= lse_s[:, None]
-        log_pt -= lse_t[:, None]
+        log_ps, lse_s = _log_probs(student[rows], vocab_size, temperature)
+        log_pt, lse_t = _log_probs(teacher[rows], vocab_size, temperature)
         aux = torch.zeros_like(lse_s)
         if divergence == "reverse_kl":
             d = _weighted_log_ratio(log_ps.exp(), log_ps, log_pt).sum(-1)
@@ -77,17 +82,17 @@ def _row_gradients(log_ps, log_pt, d, aux, divergence, beta, want_teacher):
             grad_t = _weighted_log_ratio(pt, log_pt, log_ps, d[:, None])
     else:
         log_m = _log_mix(log_ps, log_pt, beta)
-        grad_s = (1 - beta) * _weighted_log_ratio(ps, log_ps, log_m, aux[:, None])
+        grad_s = _weighted_log_ratio(ps, log_ps, log_m, aux[:, None]).mul_(1 - beta)
         if want_teacher:
             kl_t = (d - (1 - beta) * aux) / beta
-            grad_t = beta * _weighted_log_ratio(pt, log_pt, log_m, kl_t[:, None])
+            grad_t = _weighted_log_ratio(pt, log_pt, log_m, kl_t[:, None]).mul_(beta)
     return grad_s, grad_t
 
 
 def _store(out: torch.Tensor, rows: slice, vocab_size: int, grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """out[rows, :V] = scale * grad (exact 0 where scale == 0), out[rows, V:] = 0."""
+    """out[rows, :V] = scale * grad (exact 0 where scale == 0), out[rows, V:] = 0. Overwrites grad."""
     scale = scale[:, None]
-    out[rows, :vocab_size] = torch.where(scale != 0, grad * scale, torch.zeros_like(grad))
+    out[rows, :vocab_size] = grad.mul_(scale).masked_fill_(scale == 0, 0.0)
     out[rows, vocab_size:] = 0
 
 
