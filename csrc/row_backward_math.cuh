@@ -68,10 +68,12 @@ template <> struct Cvt<float> {
 template <> struct Cvt<__nv_bfloat16> {
     static TOPD_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
     static TOPD_HD __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+    static TOPD_HD uint32_t bits(float x) { const __nv_bfloat16_raw r = __float2bfloat16_rn(x); return r.x; }
 };
 template <> struct Cvt<__half> {
     static TOPD_HD float to_float(__half x) { return __half2float(x); }
     static TOPD_HD __half from_float(float x) { return __float2half_rn(x); }
+    static TOPD_HD uint32_t bits(float x) { const __half_raw r = __float2half_rn(x); return r.x; }
 };
 
 // ---- 16-byte vector loads / stores (caller guarantees 16-byte alignment) ---------------------------
@@ -92,11 +94,11 @@ TOPD_HD void load_vec(const T* __restrict__ p, float (&out)[kVec]) {
     check_aligned16(p);
 #ifdef __CUDA_ARCH__
 #pragma unroll
-    for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const uint4*>(p)[i];
+    for (int i = 0; i < kWords; ++i) w[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);   // 16-byte read-only loads
 #else
     std::memcpy(w, p, sizeof(w));
 #endif
-    T e[kVec];
+    alignas(16) T e[kVec];
 #ifdef __CUDA_ARCH__
 #pragma unroll
     for (int i = 0; i < kVec; ++i) e[i] = reinterpret_cast<const T*>(w)[i];
@@ -107,19 +109,42 @@ TOPD_HD void load_vec(const T* __restrict__ p, float (&out)[kVec]) {
     for (int i = 0; i < kVec; ++i) out[i] = Cvt<T>::to_float(e[i]);
 }
 
+TOPD_HD uint32_t f2u(float x) {
+#ifdef __CUDA_ARCH__
+    return __float_as_uint(x);
+#else
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof(u));
+    return u;
+#endif
+}
+
+template <typename T>
+TOPD_HD void store_word(T* p, int word, const uint4 w) {
+#ifdef __CUDA_ARCH__
+    __stwb(reinterpret_cast<uint4*>(p) + word, w);   // one 16-byte store (a plain `=` may be split)
+#else
+    std::memcpy(reinterpret_cast<char*>(p) + 16 * word, &w, sizeof(w));
+#endif
+}
+
+// Rounds kVec floats to T (nearest even) and stores them as 16-byte words, packed in registers so that
+// the compiler emits 128-bit stores.
 template <typename T>
 TOPD_HD void store_vec(T* __restrict__ p, const float (&in)[kVec]) {
-    constexpr int kWords = kVec * sizeof(T) / 16;
-    T e[kVec];
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) e[i] = Cvt<T>::from_float(in[i]);
     check_aligned16(p);
-#ifdef __CUDA_ARCH__
-#pragma unroll
-    for (int i = 0; i < kWords; ++i) reinterpret_cast<uint4*>(p)[i] = reinterpret_cast<const uint4*>(e)[i];
-#else
-    std::memcpy(p, e, sizeof(e));
-#endif
+    if constexpr (sizeof(T) == 2) {
+        uint4 w;
+        w.x = Cvt<T>::bits(in[0]) | (Cvt<T>::bits(in[1]) << 16);
+        w.y = Cvt<T>::bits(in[2]) | (Cvt<T>::bits(in[3]) << 16);
+        w.z = Cvt<T>::bits(in[4]) | (Cvt<T>::bits(in[5]) << 16);
+        w.w = Cvt<T>::bits(in[6]) | (Cvt<T>::bits(in[7]) << 16);
+        store_word(p, 0, w);
+    } else {
+        static_assert(sizeof(T) == 4, "float32");
+        store_word(p, 0, make_uint4(f2u(in[0]), f2u(in[1]), f2u(in[2]), f2u(in[3])));
+        store_word(p, 1, make_uint4(f2u(in[4]), f2u(in[5]), f2u(in[6]), f2u(in[7])));
+    }
 }
 
 // ---- per-row constants ------------------------------------------------------------------------------
