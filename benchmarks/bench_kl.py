@@ -161,8 +161,9 @@ def method_availability(device: torch.device) -> dict:
         if not tri_ok:
             why += f"; {tri_why}"
         out["topd[triton]"] = {"available": False, "reason": why, "backend": None}
+        ext = f"the CUDA extension is built ({ext_why})" if ext_ok else f"CUDA extension not built: {ext_why}"
         out["topd[triton+cuda]"] = {"available": False, "backend": None,
-                                    "reason": f"needs CUDA tensors; CUDA extension: {ext_why}"}
+                                    "reason": f"needs CUDA tensors; {ext}"}
     else:
         out["topd[triton]"] = {"available": tri_ok, "reason": tri_why, "backend": "triton" if tri_ok else None}
         both = tri_ok and ext_ok
@@ -624,7 +625,12 @@ def markdown(result: dict) -> str:
         "GB/s (% copy) | Δloss |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    not_run = {}
     for r in result["results"]:
+        if r["status"] in ("n/a", "alias"):
+            # unusable here for every shape: listed once below the table, with the reason
+            not_run.setdefault((r["method"], r["status"], r.get("reason", "")), set()).add(r["config"])
+            continue
         head = f"| {r['N']} | {r['V']} | {r['dtype']} | {r['config']} | {r['method']} |"
         if r["status"] != "ok":
             label = "OOM" if r["status"] == "OOM" else f"{r['status']}: {r.get('reason', '')}"
@@ -639,6 +645,20 @@ def markdown(result: dict) -> str:
             f"{_opt(sp and sp['fwd_bwd'], '.2f')} | {_opt(mr, '.3f')} | "
             f"{r['bytes_per_s']['fwd_bwd'] / 1e9:.1f} ({r['pct_of_copy_bw']['fwd_bwd']:.0f}%) | "
             f"{_opt(dl, '.1e')} |")
+    if not_run:
+        lines += ["", "Not run here (every shape):"]
+        for (m, st, why), cfg_set in sorted(not_run.items()):
+            lines.append(f"- {m} ({', '.join(sorted(cfg_set))}): {st}: {why}")
+    trackers = sorted({r["memory"]["tracker"] + f" ({r['method']})" for r in result["results"]
+                       if r["status"] == "ok" and r["method"] == "torch.compile"}
+                      | {r["memory"]["tracker"] for r in result["results"]
+                         if r["status"] == "ok" and r["method"] != "torch.compile"})
+    if trackers:
+        lines += ["", "Peak memory measured with: " + ", ".join(trackers) + " (benchmarks/memtrack.py)."]
+    compiles = [f"{r['N']}/{r['dtype']}/{r['config']}: {r['first_call_s']:.1f} s" for r in result["results"]
+                if r["status"] == "ok" and r["method"] == "torch.compile"]
+    if compiles:
+        lines += ["", "torch.compile first call (compile included, excluded from the times): " + "; ".join(compiles)]
     lc = result["loss_check"]
     lines += ["", f"Loss check (first repetition, every method vs eager, same config and shape): "
                   f"max |Δloss| = {lc['max_abs_diff']:.3e} over {lc['compared']} method rows."]
