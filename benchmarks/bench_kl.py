@@ -679,17 +679,19 @@ def plot(result: dict, path: Path) -> Optional[str]:
     if not vs:
         return "no successful rows to plot"
     cols = [(v, d) for v in vs for d in dts]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {m: palette[i % len(palette)] for i, m in enumerate(ALL_METHODS)}  # one colour per method
     fig, axes = plt.subplots(2, len(cols), figsize=(5 * len(cols), 8), squeeze=False)
     for j, (v, d) in enumerate(cols):
         sel = [r for r in rows if r["V"] == v and r["dtype"] == d]
         for key in sorted({(r["config"], r["method"]) for r in sel}):
             pts = sorted((r["N"], r) for r in sel if (r["config"], r["method"]) == key)
             ns = [p[0] for p in pts]
-            style = "-" if key[0] == "topd" else "--"
+            style = "-" if key[0] == "topd" else "--"  # solid: topd config, dashed: opd config
             label = f"{key[1]} ({key[0]})"
-            axes[0][j].plot(ns, [p[1]["fwd_bwd"]["median_ms"] for p in pts], style, marker="o", label=label)
-            axes[1][j].plot(ns, [p[1]["memory"]["peak_step_bytes"] / MiB for p in pts], style, marker="o",
-                            label=label)
+            kw = dict(marker="o", label=label, color=color.get(key[1]))
+            axes[0][j].plot(ns, [p[1]["fwd_bwd"]["median_ms"] for p in pts], style, **kw)
+            axes[1][j].plot(ns, [p[1]["memory"]["peak_step_bytes"] / MiB for p in pts], style, **kw)
         axes[0][j].set_title(f"V={v} {d}: fwd+bwd time")
         axes[0][j].set_ylabel("ms (median)")
         axes[1][j].set_title(f"V={v} {d}: peak memory above inputs")
