@@ -228,3 +228,24 @@ def test_cuda_timing_path_replays_graphs(monkeypatch):
         assert res["bwd"]["method"].startswith("do_bench")
         assert all(s.grad is None for s, _ in copies)
     assert calls == [0, 3, 3, 0, 3, 3]
+
+
+def test_oom_is_reported_not_dropped(tmp_path, monkeypatch):
+    """A method that runs out of memory gets an "OOM" row (table and JSON) and the others go on; the loss
+    check then compares with the first method that ran."""
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB (simulated)")
+
+    monkeypatch.setattr(bench_kl, "eager_window_kl", oom)
+    out = tmp_path / "oom.json"
+    result = bench_kl.main(["--device", "cpu", "--N", "32", "--V", "500", "--dtype", "fp32",
+                            "--methods", "topd[torch],eager", "--configs", "opd", "--cpu-min-reps", "1",
+                            "--cpu-max-reps", "1", "--copy-bytes", str(1 << 20), "--out", str(out)])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["eager"]["status"] == "OOM" and "out of memory" in rows["eager"]["reason"]
+    assert rows["topd[torch]"]["status"] == "ok"
+    assert rows["topd[torch]"]["loss_reference"] == "topd[torch]"
+    assert rows["topd[torch]"]["speedup_vs_eager"] is None
+    assert "| eager | OOM |" in (tmp_path / "oom.md").read_text()
+    assert len(result["results"]) == 2
