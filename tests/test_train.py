@@ -35,6 +35,13 @@ def test_task_solutions_are_correct_and_parse():
     assert task.score([problem], tokens).tolist() == [True]
 
 
+def test_parity_style_separators_follow_the_result():
+    problem = Problem(4, (("+", 7), ("*", 3), ("*", 2)))
+    assert problem.solution(random.Random(0), "parity") == "4+7=1,1*3=3,3*2=6;#6."
+    with pytest.raises(ValueError, match="separator style"):
+        problem.solution(random.Random(0), "fancy")
+
+
 def test_task_is_deterministic_and_test_set_held_out():
     task = ArithmeticTask(TINY_TASK)
     assert [p.prompt for p in task.test_problems] == [p.prompt for p in ArithmeticTask(TINY_TASK).test_problems]

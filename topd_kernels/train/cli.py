@@ -20,7 +20,7 @@ from .loop import DistillConfig, distill
 from .methods import METHODS, MethodSettings
 from .plot import plot_accuracy
 from .student import StudentConfig, make_student
-from .task import ArithmeticTask, TaskConfig
+from .task import SEPARATOR_STYLES, ArithmeticTask, TaskConfig
 from .teacher import TeacherConfig, default_cache_dir, load_or_train_teacher
 
 
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compare", action="store_true", help="run every method of --methods over --seeds")
     run.add_argument("--methods", type=_method_list, default=list(METHODS), help="methods for --compare")
     run.add_argument("--seed", type=int, default=0, help="seed of a single run")
-    run.add_argument("--seeds", type=_seed_list, default=[0, 1], help="seeds for --compare, e.g. 0,1,2")
+    run.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="seeds for --compare, e.g. 0,1,2")
     run.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     run.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "triton+cuda"),
                      help="fused_window_kl backend")
@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="supervised steps of the student's start")
     models.add_argument("--teacher-d-model", type=_positive_int, default=TeacherConfig.d_model)
     models.add_argument("--teacher-layers", type=_positive_int, default=TeacherConfig.n_layers)
+    models.add_argument("--teacher-style", choices=SEPARATOR_STYLES, default=TeacherConfig.separator_style,
+                        help="separator style of the teacher's training solutions (parity: ';' after an even "
+                        "result, ',' after an odd one, a confident surface-form preference); the student's "
+                        "start always uses random separators")
     models.add_argument("--teacher-steps", type=_positive_int, default=TeacherConfig.max_steps,
                         help="most supervised steps of the teacher (stops early once accurate)")
     return parser
@@ -136,7 +140,7 @@ def configs_from_args(args: argparse.Namespace):
     distill_config = DistillConfig(args.steps, args.batch_size, args.lr, args.temperature, args.eval_every, settings)
     task_config = TaskConfig(n_ops=args.n_ops, test_size=args.test_size)
     teacher_config = TeacherConfig(d_model=args.teacher_d_model, n_layers=args.teacher_layers,
-                                   max_steps=args.teacher_steps)
+                                   max_steps=args.teacher_steps, separator_style=args.teacher_style)
     student_config = StudentConfig(d_model=args.student_d_model, n_layers=args.student_layers,
                                    sft_steps=args.student_sft_steps)
     return task_config, teacher_config, student_config, distill_config
@@ -176,7 +180,7 @@ def run(args: argparse.Namespace, configs: tuple, device: torch.device) -> dict:
 
     runs, start_accuracy = [], {}
     for seed in seeds:
-        start = make_student(task, student_config, seed, device)
+        start = make_student(task, student_config, seed, device, progress)
         for method in methods:
             student = copy.deepcopy(start)
             result = distill(student, teacher, task, method, distill_config, seed, device, args.backend, progress)

@@ -20,11 +20,11 @@ from .task import ArithmeticTask
 class DistillConfig:
     """One distillation run's hyperparameters (the method is passed separately)."""
 
-    steps: int = 150
+    steps: int = 200
     batch_size: int = 64
     lr: float = 1e-3
     sample_temperature: float = 1.0
-    eval_every: int = 25
+    eval_every: int = 50
     settings: MethodSettings = field(default_factory=MethodSettings)
 
     def __post_init__(self):

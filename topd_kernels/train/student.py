@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .model import DecoderLM, ModelConfig, build_model
+from .progress import Progress
 from .supervised import train_supervised
 from .task import VOCAB_SIZE, ArithmeticTask
 
@@ -29,10 +30,15 @@ class StudentConfig:
         return asdict(self)
 
 
-def make_student(task: ArithmeticTask, config: StudentConfig, seed: int, device: torch.device) -> DecoderLM:
+def make_student(
+    task: ArithmeticTask, config: StudentConfig, seed: int, device: torch.device, progress: bool = False
+) -> DecoderLM:
     """A student initialised from `seed` and trained for `config.sft_steps` supervised steps."""
     model_config = ModelConfig(VOCAB_SIZE, task.config.seq_len, config.d_model, config.n_layers, config.n_heads)
     model = build_model(model_config, seed).to(device)
     if config.sft_steps:
-        train_supervised(model, task, config.sft_steps, config.batch_size, config.lr, seed, device)
+        bar = Progress(config.sft_steps, f"student seed {seed}", enabled=progress)
+        train_supervised(model, task, config.sft_steps, config.batch_size, config.lr, seed, device,
+                         lambda step, loss: bar.update(loss=round(loss, 4)))
+        bar.close()
     return model.eval()

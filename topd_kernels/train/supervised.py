@@ -27,11 +27,13 @@ def train_supervised(
     seed: int,
     device: torch.device,
     on_step: Callable[[int, float], bool] | None = None,
+    style: str = "random",
 ) -> int:
     """AdamW with linear warm-up and cosine decay on freshly drawn problems for up to `steps` steps.
 
     `on_step(step, loss)` is called after every step; returning True stops early. Returns the number of
-    steps taken. Deterministic given `seed` (problem draws and solution separators).
+    steps taken. Deterministic given `seed` (problem draws and solution separators). `style`: the
+    solutions' separator style (see `task.py`).
     """
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -43,7 +45,7 @@ def train_supervised(
     prompt_len = task.config.prompt_len
     for step in range(1, steps + 1):
         model.train()
-        sequences = task.encode_solutions(task.sample_problems(batch_size, rng), rng).to(device)
+        sequences = task.encode_solutions(task.sample_problems(batch_size, rng), rng, style).to(device)
         loss = supervised_loss(model, sequences, prompt_len)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -6,8 +6,10 @@ derails every later one, and ends with the verifiable final answer after ``#``:
 
     4+7=1;1*3=3,3-2=1;1-5=6;#6.
 
-The separator after each step (``;`` or ``,``) is drawn at random: a surface-form choice with no effect
-on the answer (the kind of token where teacher and student may disagree without a reasoning fork).
+The separator after each step (``;`` or ``,``) is a surface-form choice with no effect on the answer
+(the kind of token where teacher and student may disagree without a reasoning fork). Its style:
+"random" draws it uniformly; "parity" writes ``;`` after an even result and ``,`` after an odd one
+(a teacher's "house style": confident, learnable, and irrelevant to the answer).
 
 Token ids: 0 = PAD, 1 = BOS, then one id per character of `CHARS`. Every prompt of a task has the same
 length, so batches of prompts need no padding and rollouts share absolute positions.
@@ -28,6 +30,7 @@ ID_TO_CHAR = {i: c for c, i in CHAR_TO_ID.items()}
 EOS_ID = CHAR_TO_ID["."]
 OPS = "+-*"
 SEPARATORS = ";,"
+SEPARATOR_STYLES = ("random", "parity")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class TaskConfig:
     """What defines the task: the number of operations, the held-out test set size and its seed."""
 
     n_ops: int = 4
-    test_size: int = 256
+    test_size: int = 512
     test_seed: int = 12345
 
     @property
@@ -79,14 +82,22 @@ class Problem:
     def answer(self) -> int:
         return self.intermediate_results()[-1]
 
-    def solution(self, rng: random.Random) -> str:
-        """A correct worked solution; `rng` draws the surface-form separators."""
+    def solution(self, rng: random.Random, style: str = "random") -> str:
+        """A correct worked solution; separators in `style` ("random" draws them from `rng`)."""
+        check_style(style)
         value, steps = self.start, []
         for op, b in self.ops:
             result = apply_op(value, op, b)
-            steps.append(f"{value}{op}{b}={result}{rng.choice(SEPARATORS)}")
+            separator = rng.choice(SEPARATORS) if style == "random" else SEPARATORS[result % 2]
+            steps.append(f"{value}{op}{b}={result}{separator}")
             value = result
         return "".join(steps) + f"#{value}."
+
+
+def check_style(style: str) -> str:
+    if style not in SEPARATOR_STYLES:
+        raise ValueError(f"unknown separator style {style!r}; expected one of {', '.join(SEPARATOR_STYLES)}")
+    return style
 
 
 def apply_op(a: int, op: str, b: int) -> int:
@@ -155,10 +166,10 @@ class ArithmeticTask:
         """(B, prompt_len) long: BOS followed by each prompt."""
         return torch.tensor([[BOS_ID] + encode(p.prompt) for p in problems], dtype=torch.long)
 
-    def encode_solutions(self, problems: list[Problem], rng: random.Random) -> torch.Tensor:
-        """(B, seq_len) long: BOS, prompt and a correct worked solution for each problem."""
+    def encode_solutions(self, problems: list[Problem], rng: random.Random, style: str = "random") -> torch.Tensor:
+        """(B, seq_len) long: BOS, prompt and a correct worked solution (separators in `style`) per problem."""
         return torch.tensor(
-            [[BOS_ID] + encode(p.prompt + p.solution(rng)) for p in problems], dtype=torch.long
+            [[BOS_ID] + encode(p.prompt + p.solution(rng, style)) for p in problems], dtype=torch.long
         )
 
     def score(self, problems: list[Problem], tokens: torch.Tensor) -> torch.Tensor:

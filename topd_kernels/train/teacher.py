@@ -37,6 +37,7 @@ class TeacherConfig:
     target_accuracy: float = 0.99
     eval_every: int = 100
     seed: int = 0
+    separator_style: str = "random"
 
 
 def teacher_key(task: ArithmeticTask, config: TeacherConfig) -> str:
@@ -70,7 +71,8 @@ def train_teacher(
         state["val_accuracy"] = accuracy(model, task, device, validation)
         return state["val_accuracy"] >= config.target_accuracy
 
-    steps = train_supervised(model, task, config.max_steps, config.batch_size, config.lr, config.seed, device, on_step)
+    steps = train_supervised(model, task, config.max_steps, config.batch_size, config.lr, config.seed, device,
+                             on_step, config.separator_style)
     bar.close()
     model.eval()
     info = {"steps": steps, "val_accuracy": accuracy(model, task, device, validation),
