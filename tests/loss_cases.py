@@ -116,7 +116,7 @@ def check_backend(backend, problem, teacher_grad=False, **kwargs):
     originals = {k: v.clone() for k, v in problem.items() if isinstance(v, torch.Tensor)}
     upstream = None
     if kwargs.get("reduction") == "none":
-        upstream = torch.randn(problem["mask"].shape, dtype=torch.float32)
+        upstream = torch.randn(problem["mask"].shape, dtype=torch.float32, device=problem["mask"].device)
     loss, stats, grads = _run(lambda *a, **k: topd_kernels.fused_window_kl(*a, backend=backend, **k),
                               problem, kwargs, teacher_grad, upstream)
     ref_loss, ref_stats, ref_grads = _run(window_kl_reference, problem, kwargs, teacher_grad,
