@@ -1,6 +1,6 @@
 """Accuracy-vs-step plot per method: matplotlib when installed (the `bench` extra), else a small PNG
-drawn here (axes, gridlines at 0/0.25/.../1, one coloured line per method and seed, a legend in a
-built-in 3x5 pixel font), so the demo needs no plotting dependency."""
+drawn here (axes, gridlines at 0/0.25/.../1, a faint line per run and a thick one per method's mean
+over seeds, a legend in a built-in 3x5 pixel font), so the demo needs no plotting dependency."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +22,19 @@ FONT = {
 }
 
 
+def mean_curves(runs: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Per method, (step, accuracy averaged over its seeds) at the steps every seed evaluated."""
+    curves = {}
+    for method in dict.fromkeys(run["method"] for run in runs):
+        per_seed = [{e["step"]: e["accuracy"] for e in run["evals"]} for run in runs if run["method"] == method]
+        steps = sorted(set.intersection(*(set(evals) for evals in per_seed)))
+        curves[method] = [(step, sum(evals[step] for evals in per_seed) / len(per_seed)) for step in steps]
+    return curves
+
+
 def plot_accuracy(runs: list[dict], path: Path) -> str:
-    """Write held-out accuracy vs step of every run (`run["evals"]`) to `path`; returns what it did."""
+    """Write held-out accuracy vs step to `path`: a thin line per run (`run["evals"]`), a thick line per
+    method for its mean over seeds. Returns a sentence saying what it wrote."""
     try:
         import matplotlib
 
@@ -37,8 +48,11 @@ def plot_accuracy(runs: list[dict], path: Path) -> str:
     for run in runs:
         colour = [c / 255 for c in COLOURS[methods.index(run["method"]) % len(COLOURS)]]
         steps = [e["step"] for e in run["evals"]]
-        ax.plot(steps, [e["accuracy"] for e in run["evals"]], color=colour, alpha=0.85,
-                label=f"{run['method']} (seed {run['seed']})")
+        ax.plot(steps, [e["accuracy"] for e in run["evals"]], color=colour, alpha=0.3, linewidth=1)
+    seeds = len({run["seed"] for run in runs})
+    for method, curve in mean_curves(runs).items():
+        colour = [c / 255 for c in COLOURS[methods.index(method) % len(COLOURS)]]
+        ax.plot(*zip(*curve), color=colour, linewidth=2.5, label=f"{method} (mean of {seeds} seeds)")
     ax.set_xlabel("step")
     ax.set_ylabel("held-out accuracy (greedy, exact answer)")
     ax.set_ylim(0, 1)
@@ -94,9 +108,15 @@ def render(runs: list[dict], width: int = 640, height: int = 400) -> list[bytear
     methods = list(dict.fromkeys(run["method"] for run in runs))
     for run in runs:
         colour = COLOURS[methods.index(run["method"]) % len(COLOURS)]
+        faded = tuple(255 - (255 - c) * 2 // 5 for c in colour)
         points = [to_xy(e["step"], e["accuracy"]) for e in run["evals"]]
         for p, q in zip(points, points[1:]):
-            line(p, q, colour, thick=2)
+            line(p, q, faded)
+    for method, curve in mean_curves(runs).items():
+        colour = COLOURS[methods.index(method) % len(COLOURS)]
+        points = [to_xy(step, acc) for step, acc in curve]
+        for p, q in zip(points, points[1:]):
+            line(p, q, colour, thick=3)
     for i, method in enumerate(methods):
         colour = COLOURS[i % len(COLOURS)]
         y = top + 18 * i
