@@ -3,7 +3,8 @@
 `topd_kernels._cuda_backward.row_backward_host` runs the same `__host__ __device__` code as the CUDA
 kernel (csrc/row_backward_math.cuh: vector/scalar paths, tails, padding, masked rows, chunked rows) over
 host memory. Truth: the float64 autograd gradient of sum_t coef_t d_t, with d_t from the lead's float64
-reference (`topd_kernels.reference.token_divergence`). The saved statistics come from
+reference (`topd_kernels.reference.token_divergence`), and the tolerance: row_cases.py, shared with the
+Triton row tests. The saved statistics come from
 `torch_rows.row_forward` in float32, as in the real pipeline.
 
 These tests are skipped ONLY when TOPD_CUDA_BUILD=0 is set or nvcc is absent (the extension cannot have
@@ -14,7 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuda_helpers import NAN, INF, assert_close, extension_skip_reason, like, logits, nvcc_path, row_atol, truth
+from cuda_helpers import extension_skip_reason, laid_out, like, nvcc_path
+from row_cases import NAN, INF, assert_close, rand_logits, row_atol, truth
 from topd_kernels import cuda_rows, torch_rows
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
@@ -45,7 +47,7 @@ def _run_and_check(student, teacher, coef, V, tau, divergence, beta, want_teache
     assert torch.equal(student.isnan(), s_before.isnan()) and torch.equal(student.nan_to_num(), s_before.nan_to_num())
     assert torch.equal(teacher.isnan(), t_before.isnan()) and torch.equal(teacher.nan_to_num(), t_before.nan_to_num())
     assert torch.equal(stats.nan_to_num(), stats_before.nan_to_num())
-    want_s, want_t = truth(student, teacher, coef, V, tau, divergence, beta, want_teacher)
+    _, want_s, want_t = truth(student, teacher, coef, V, tau, divergence, beta, want_teacher=want_teacher)
     atol = row_atol(student, teacher, coef, stats, V, tau)
     assert_close(gs, want_s, "grad_student", atol)
     masked = coef == 0
@@ -104,12 +106,9 @@ LAYOUTS = {
 def test_host_matches_float64(divergence, dtypes, want_teacher, layout, seed):
     ws, wt, V, (so, ss), (to, ts), (oo, gss, gts), tau, host_kw = LAYOUTS[layout]
     n = 7
-    base_s = torch.randn(n, max(ws, wt)) * 3
-    base_t = 0.6 * torch.randn(n, max(ws, wt)) * 3 + 0.8 * base_s   # correlated, like a real teacher
-    student = logits(n, ws, dtypes[0], offset=so, row_stride=ss, base=base_s[:, :ws])
-    teacher = logits(n, wt, dtypes[1], offset=to, row_stride=ts, base=base_t[:, :wt])
-    student[:, V:] = 1e4    # garbage past vocab_size must be ignored
-    teacher[:, V:] = -1e4
+    base_s, base_t = rand_logits(n, V, pad=(ws - V, wt - V))   # garbage past vocab_size must be ignored
+    student = laid_out(base_s, dtypes[0], offset=so, row_stride=ss)
+    teacher = laid_out(base_t, dtypes[1], offset=to, row_stride=ts)
     masked = (1, 4)
     _poison(student, masked)
     _poison(teacher, masked)
@@ -129,8 +128,7 @@ def test_host_matches_float64(divergence, dtypes, want_teacher, layout, seed):
 def test_neg_inf_entries(divergence, dtype, layout, seed):
     width = 1024 if layout == "aligned" else 1001
     n, V = 6, width - 3
-    s = logits(n, width, dtype)
-    t = logits(n, width, dtype, base=0.6 * torch.randn(n, width) * 3 + 0.8 * s.float())
+    s, t = (laid_out(x, dtype) for x in rand_logits(n, V, pad=(width - V, width - V)))
     both = torch.rand(n, V) < 0.2            # banned tokens: -inf for both models
     both[:, 0] = False                       # column 0 stays finite: every row normalisable
     s[:, :V][both] = -INF
@@ -178,15 +176,14 @@ def test_all_rows_masked_with_nonfinitelogits(divergence):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_temperature(divergence, tau, seed):
     n, width = 4, 512
-    s = logits(n, width, torch.float32)
-    t = logits(n, width, torch.float32, base=0.6 * torch.randn(n, width) * 3 + 0.8 * s)
+    s, t = rand_logits(n, width, dtype=torch.float32)
     _run_and_check(s, t, _coef(n), width, tau, divergence, 0.7, True)
 
 
 def test_small_and_degenerate_shapes(seed):
     for n, width, V in [(1, 8, 8), (3, 1, 1), (2, 7, 5), (2, 16, 9), (0, 32, 32), (3, 24, 0)]:
-        s = logits(n, width, torch.bfloat16)
-        t = logits(n, width + 2, torch.float32)
+        s, t = rand_logits(n, V, pad=(width - V, width + 2 - V), correlation=0.0)
+        s, t = s.to(torch.bfloat16), t.to(torch.float32)
         coef = _coef(n)
         if V == 0:   # nothing to differentiate: everything is padding
             gs, gt = like(s), like(t)
@@ -200,8 +197,7 @@ def test_small_and_degenerate_shapes(seed):
 
 def test_beta_extremes_jsd(seed):
     n, width = 4, 256
-    s = logits(n, width, torch.float32)
-    t = logits(n, width, torch.float32)
+    s, t = rand_logits(n, width, correlation=0.0, dtype=torch.float32)
     for beta in (0.01, 0.5, 0.99):
         _run_and_check(s, t, _coef(n), width, 1.0, "jsd", beta, True)
 
@@ -209,8 +205,7 @@ def test_beta_extremes_jsd(seed):
 def test_stats_and_coef_strides(seed):
     """stats as a (4, N) view with a non-unit row stride, coef as a strided view."""
     n, width = 6, 264
-    s = logits(n, width, torch.float16)
-    t = logits(n, width, torch.float16)
+    s, t = rand_logits(n, width, correlation=0.0, dtype=torch.float16)
     stats = torch_rows.row_forward(s, t, width, 1.0, "reverse_kl", 0.5)
     wide = torch.full((4, 2 * n), NAN)
     wide[:, ::2] = stats
@@ -218,7 +213,7 @@ def test_stats_and_coef_strides(seed):
     coef_buf[::3] = _coef(n, (0,))
     gs, gt = like(s), like(t)
     cuda_rows.row_backward_host(s, t, wide[:, ::2], coef_buf[::3], width, 1.0, "reverse_kl", 0.5, gs, gt)
-    want_s, want_t = truth(s, t, coef_buf[::3], width, 1.0, "reverse_kl", 0.5, True)
+    _, want_s, want_t = truth(s, t, coef_buf[::3], width, 1.0, "reverse_kl", 0.5)
     atol = row_atol(s, t, coef_buf[::3], stats, width, 1.0)
     assert_close(gs, want_s, "grad_student", atol)
     assert_close(gt, want_t, "grad_teacher", atol)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuda_helpers import NAN, assert_close, extension_skip_reason, like, logits, row_atol, truth
+from cuda_helpers import extension_skip_reason, laid_out, like
+from row_cases import NAN, ULP, assert_close, rand_logits, row_atol, truth
 from topd_kernels import cuda_rows, torch_rows
 
 pytestmark = pytest.mark.gpu
@@ -39,14 +40,9 @@ def _triton_rows():
 
 
 def _problem(n, width_s, width_t, V, dtype_s, dtype_t, masked=(), device="cuda"):
-    w = max(width_s, width_t)
-    gen = torch.float32 if n * w < 10**8 else torch.bfloat16   # big problems: no float32 copies
-    base_s = torch.randn(n, w, device=device, dtype=gen) * 3
-    base_t = 0.6 * torch.randn(n, w, device=device, dtype=gen) * 3 + 0.8 * base_s
-    s = logits(n, width_s, dtype_s, base=base_s[:, :width_s], device=device)
-    t = logits(n, width_t, dtype_t, base=base_t[:, :width_t], device=device)
-    s[:, V:] = 1e4
-    t[:, V:] = -1e4
+    gen = torch.float64 if n * max(width_s, width_t) < 10**8 else torch.bfloat16   # big problems: no wide copies
+    base_s, base_t = rand_logits(n, V, pad=(width_s - V, width_t - V), dtype=gen, device=device, draw=gen)
+    s, t = laid_out(base_s, dtype_s), laid_out(base_t, dtype_t)
     coef = torch.rand(n, device=device) * 1.5 + 0.25
     for k, r in enumerate(masked):
         coef[r] = 0.0
@@ -76,12 +72,12 @@ def test_realistic_vs_triton_and_reference(V):
         worst = 0.0
         for r in range(0, n, 1024):   # row chunks: no full-size float32 temporaries
             a32, b32 = a[r:r + 1024].float(), b[r:r + 1024].float()
-            tol = 2.0 ** -7 * torch.maximum(a32.abs(), b32.abs()) + atol[r:r + 1024] + 1e-30
+            tol = ULP[torch.bfloat16] * torch.maximum(a32.abs(), b32.abs()) + atol[r:r + 1024] + 1e-30
             worst = max(worst, float(((a32 - b32).abs() / tol).max()))
         assert worst <= 1.0, f"{name}: extension vs triton off by {worst:.3g} x tol"
     # vs float64 on a few rows
     rows = torch.tensor([0, 3, 1234, 8191], device="cuda")
-    want_s, want_t = truth(s[rows], t[rows], coef[rows], V, 1.0, "reverse_kl", 0.5, True)
+    _, want_s, want_t = truth(s[rows], t[rows], coef[rows], V, 1.0, "reverse_kl", 0.5)
     atol_rows = row_atol(s[rows], t[rows], coef[rows], stats[:, rows], V, 1.0)
     assert_close(gs[rows], want_s, "grad_student", atol_rows)
     assert_close(gt[rows], want_t, "grad_teacher", atol_rows)
@@ -103,12 +99,9 @@ DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
 def test_device_matches_float64_and_host(divergence, dtypes, layout, seed):
     ws, wt, V, (so, ss), (to, ts), (oo, gss, gts), tau = LAYOUTS[layout]
     n = 37
-    base_s = torch.randn(n, max(ws, wt)) * 3
-    base_t = 0.6 * torch.randn(n, max(ws, wt)) * 3 + 0.8 * base_s
-    s = logits(n, ws, dtypes[0], offset=so, row_stride=ss, base=base_s[:, :ws].cuda(), device="cuda")
-    t = logits(n, wt, dtypes[1], offset=to, row_stride=ts, base=base_t[:, :wt].cuda(), device="cuda")
-    s[:, V:] = 1e4
-    t[:, V:] = -1e4
+    base_s, base_t = rand_logits(n, V, pad=(ws - V, wt - V), device="cuda")
+    s = laid_out(base_s, dtypes[0], offset=so, row_stride=ss)
+    t = laid_out(base_t, dtypes[1], offset=to, row_stride=ts)
     coef = torch.rand(n, device="cuda") + 0.5
     coef[[2, 30]] = 0
     s[2] = NAN
@@ -119,7 +112,7 @@ def test_device_matches_float64_and_host(divergence, dtypes, layout, seed):
     gt = like(t, offset=oo, row_stride=gts)
     cuda_rows.row_backward(s, t, stats, coef, V, tau, divergence, beta, gs, gt)
     torch.cuda.synchronize()
-    want_s, want_t = truth(s, t, coef, V, tau, divergence, beta, True)
+    _, want_s, want_t = truth(s, t, coef, V, tau, divergence, beta)
     atol = row_atol(s, t, coef, stats, V, tau)
     assert_close(gs, want_s, "grad_student", atol)
     assert_close(gt, want_t, "grad_teacher", atol)
@@ -130,8 +123,7 @@ def test_device_matches_float64_and_host(divergence, dtypes, layout, seed):
     cuda_rows.row_backward_host(s.cpu(), t.cpu(), stats.cpu(), coef.cpu(), V, tau, divergence, beta, hs, ht)
     for name, dev, host in (("grad_student", gs, hs), ("grad_teacher", gt, ht)):
         d64, h64 = dev.cpu().double(), host.double()
-        tol = 2 * {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dev.dtype] * \
-            torch.maximum(d64.abs(), h64.abs()) + atol.cpu() + 1e-30
+        tol = ULP[dev.dtype] * torch.maximum(d64.abs(), h64.abs()) + atol.cpu() + 1e-30
         worst = float(((d64 - h64).abs() / tol).max())
         assert worst <= 1.0, f"{name}: device vs host build off by {worst:.3g} x tol"
 
@@ -146,7 +138,7 @@ def test_chunked_rows(divergence, seed):
         gs, gt = torch.full_like(s, NAN), torch.full_like(t, NAN)
         cuda_rows.row_backward(s, t, stats, coef, V, 1.0, divergence, 0.5, gs, gt, chunk_cols=chunk_cols)
         torch.cuda.synchronize()
-        want_s, want_t = truth(s, t, coef, V, 1.0, divergence, 0.5, True)
+        _, want_s, want_t = truth(s, t, coef, V, 1.0, divergence, 0.5)
         atol = row_atol(s, t, coef, stats, V, 1.0)
         assert_close(gs, want_s, "grad_student", atol)
         assert_close(gt, want_t, "grad_teacher", atol)
@@ -157,7 +149,7 @@ def test_no_teacher_gradient_and_empty(seed):
     stats = torch_rows.row_forward(s, t, 4000, 1.0, "jsd", 0.5)
     gs = torch.full_like(s, NAN)
     cuda_rows.row_backward(s, t, stats, coef, 4000, 1.0, "jsd", 0.5, gs, None)
-    want_s, _ = truth(s, t, coef, 4000, 1.0, "jsd", 0.5, False)
+    _, want_s, _ = truth(s, t, coef, 4000, 1.0, "jsd", 0.5, want_teacher=False)
     assert_close(gs, want_s, "grad_student", row_atol(s, t, coef, stats, 4000, 1.0))
     e = torch.empty(0, 64, device="cuda")
     cuda_rows.row_backward(e, e, torch.empty(4, 0, device="cuda"), torch.empty(0, device="cuda"), 64, 1.0,
@@ -169,7 +161,7 @@ def test_non_default_stream(seed):
     n, V = 64, 32768
     s, t, coef = _problem(n, V, V, V, torch.bfloat16, torch.bfloat16)
     stats = torch_rows.row_forward(s, t, V, 1.0, "reverse_kl", 0.5)
-    want_s, want_t = truth(s, t, coef, V, 1.0, "reverse_kl", 0.5, True)
+    _, want_s, want_t = truth(s, t, coef, V, 1.0, "reverse_kl", 0.5)
     s_src = s.clone()
     s.fill_(NAN)   # the real logits arrive later, on the side stream
     torch.cuda.synchronize()
@@ -206,7 +198,7 @@ def test_more_than_2_31_elements(seed):
     assert not gs.isnan().any()
     assert (gs[n - 2] == 0).all()
     rows = torch.tensor([0, n // 2, n - 3, n - 1], device="cuda")
-    want_s, _ = truth(s[rows], t[rows], coef[rows], V, 1.0, "reverse_kl", 0.5, False)
+    _, want_s, _ = truth(s[rows], t[rows], coef[rows], V, 1.0, "reverse_kl", 0.5, want_teacher=False)
     assert_close(gs[rows], want_s, "grad_student", row_atol(s[rows], t[rows], coef[rows], stats[:, rows], V, 1.0))
 
 

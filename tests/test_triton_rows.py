@@ -3,28 +3,27 @@
 On a machine without CUDA these run in the Triton interpreter (conftest.py sets TRITON_INTERPRET=1
 before anything imports the kernels); on a GPU they run the compiled kernels.
 
-Truth: the shared float64 reference (`reference.token_divergence` for d, differentiated by autograd for
-the gradients; float64 logsumexp for lse; KL(p_s || mix) for aux). Precision model (three-way): the kernel
-reads the exact inputs and computes in float32, so (1) its error must stay at float32 level whatever
-the input dtype, and (2) it must not exceed a small multiple of the error of plain PyTorch doing the
+Truth: the shared float64 row truth of row_cases.py (`reference.token_divergence` for d, differentiated
+by autograd for the gradients; float64 logsumexp for lse; KL(p_s || mix) for aux). Precision model
+(three-way): the kernel reads the exact inputs and computes in float32, so (1) its error must stay at
+float32 level whatever the input dtype (for the gradients: row_cases.row_atol, shared with the CUDA
+extension's tests), and (2) it must not exceed a small multiple of the error of plain PyTorch doing the
 same computation at the inputs' dtype, plus one unit of the output dtype for the gradient's cast
 (the kernels round it to nearest even), plus for the gradient the rounding of the float32 lse_s, lse_t
 and d that the row contract hands to the backward (see check_rows).
 
 Every output is NaN-filled before the kernel runs, so an element the kernel fails to write fails.
 """
-import math
-
 import pytest
 import torch
 
+from row_cases import ULP, assert_close, rand_logits, row_atol, stats_rounding_allowance, truth
 from topd_kernels import reference
 import topd_kernels.triton_rows as tr
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DIVERGENCES = ["reverse_kl", "forward_kl", "jsd"]
 BETA = 0.3
-ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 FP32_REL = 2e-6   # float32 accumulation over a row, relative to the size of the log-probabilities
 PLAIN_FACTOR = 4.0
 
@@ -42,35 +41,6 @@ def block(monkeypatch, size):
         monkeypatch.setenv("TOPD_TRITON_BLOCK_V", str(size))
 
 
-def rand_logits(n, v, *, dtype=torch.float32, pad=(0, 0), scale=3.0):
-    """Correlated student / teacher logits (N, V + pad), garbage in the padding columns."""
-    student = torch.randn(n, v + pad[0], dtype=torch.float64) * scale
-    teacher = torch.randn(n, v + pad[1], dtype=torch.float64) * scale
-    teacher[:, :v] = 0.6 * teacher[:, :v] + 0.8 * student[:, :v]
-    student[:, v:] = 1e4
-    teacher[:, v:] = float("nan")
-    return student.to(dtype), teacher.to(dtype)
-
-
-def truth(student, teacher, V, tau, divergence, coef, dtype=torch.float64):
-    """(stats (4, N), grad_s (N, V), grad_t (N, V)) from the shared reference formula at `dtype`;
-    dtype=None: each input at its own dtype, as plain PyTorch would (the low-precision yardstick)."""
-    a_s = student[:, :V].detach().clone().to(dtype or student.dtype).requires_grad_(True)
-    a_t = teacher[:, :V].detach().clone().to(dtype or teacher.dtype).requires_grad_(True)
-    d = reference.token_divergence(a_s, a_t, divergence, BETA, tau, dtype=dtype)
-    grad_s, grad_t = torch.autograd.grad((d * coef.to(d.dtype)).sum(), [a_s, a_t])
-    with torch.no_grad():
-        lse_s = torch.logsumexp(a_s / tau, -1)
-        lse_t = torch.logsumexp(a_t / tau, -1)
-        aux = torch.zeros_like(d)
-        if divergence == "jsd":
-            log_ps, log_pt = a_s / tau - lse_s[:, None], a_t / tau - lse_t[:, None]
-            log_mix = torch.logaddexp(log_ps + math.log1p(-BETA), log_pt + math.log(BETA))
-            ps = log_ps.exp()
-            aux = torch.where(ps > 0, ps * (log_ps - log_mix), torch.zeros_like(ps)).sum(-1)
-    return torch.stack([lse_s, lse_t, d.detach(), aux]), grad_s, grad_t
-
-
 def run_rows(student, teacher, V, tau, divergence, coef, teacher_grad=True):
     stats = tr.row_forward(student, teacher, V, tau, divergence, BETA)
     grad_s = torch.full_like(student, float("nan"))
@@ -80,31 +50,13 @@ def run_rows(student, teacher, V, tau, divergence, coef, teacher_grad=True):
     return stats, grad_s, grad_t
 
 
-def stats_rounding_allowance(z_s, z_t, true_stats, coef, tau, true_g):
-    """First-order gradient error from evaluating log p = z / tau - lse in float32 with the float32
-    statistics of the row contract (see check_rows). float64 in, (N, V) out."""
-    eps = 2.0 ** -24
-    lse_s, lse_t, d, aux = (x[:, None] for x in true_stats)
-
-    def finite_abs(x):  # entries at -inf have p = 0: nothing to allow there
-        return torch.nan_to_num(x.abs(), posinf=0.0)
-
-    a_s, a_t = z_s / tau, z_t / tau
-    log_ps, log_pt = a_s - lse_s, a_t - lse_t
-    d_log_ps = eps * (finite_abs(a_s) + lse_s.abs() + finite_abs(log_ps))
-    d_log_pt = eps * (finite_abs(a_t) + lse_t.abs() + finite_abs(log_pt))
-    d_F = d_log_ps + d_log_pt + eps * (d.abs() + aux.abs()) / BETA
-    p_sum = log_ps.exp() + log_pt.exp()
-    return coef.double().abs()[:, None] / tau * p_sum * d_F + true_g.abs() * torch.maximum(d_log_ps, d_log_pt)
-
-
 def check_rows(student, teacher, V, tau, divergence, coef, teacher_grad=True):
     """Run the kernels and compare with the float64 truth and with plain PyTorch at the input dtype."""
     stats, grad_s, grad_t = run_rows(student, teacher, V, tau, divergence, coef, teacher_grad)
     s64, t64 = student.double(), teacher.double()
-    true_stats, true_gs, true_gt = truth(s64, t64, V, tau, divergence, coef.double())
+    true_stats, true_gs, true_gt = truth(s64, t64, coef, V, tau, divergence, BETA)
     low = f"{student.dtype}/{teacher.dtype}".replace("torch.", "")
-    plain_stats, plain_gs, plain_gt = truth(student, teacher, V, tau, divergence, coef, dtype=None)
+    plain_stats, plain_gs, plain_gt = truth(student, teacher, coef, V, tau, divergence, BETA, dtype=None)
 
     assert stats.dtype == torch.float32 and stats.shape == (4, student.shape[0])
     assert torch.isfinite(stats).all(), "stats: unwritten (NaN) or non-finite entries"
@@ -123,26 +75,19 @@ def check_rows(student, teacher, V, tau, divergence, coef, teacher_grad=True):
     pairs = [("grad_student", grad_s, student, true_gs, plain_gs)]
     if teacher_grad:
         pairs.append(("grad_teacher", grad_t, teacher, true_gt, plain_gt))
+    atol = row_atol(student, teacher, coef, stats, V, tau)
     for name, grad, inp, true_g, plain_g in pairs:
         assert grad.dtype == inp.dtype and grad.shape == inp.shape
         assert torch.equal(grad[:, V:], torch.zeros_like(grad[:, V:])), f"{name}: padding columns not zero"
-        g = grad[:, :V].double()
-        assert torch.isfinite(g).all(), f"{name}: unwritten (NaN) or non-finite entries"
+        # float32 computation, then one cast to the output dtype (the error model of row_cases.py)
+        assert_close(grad, true_g, name, atol)
+        g, true_g, plain_g = grad[:, :V].double(), true_g[:, :V], plain_g[:, :V]
         err = (g - true_g).abs()
-        # float32 computation, then one cast to the output dtype. Every gradient entry is
-        # coef / tau * p * (a difference of log-probabilities and d), p <= 1: float32 rounding of those
-        # log-domain quantities, of size up to logit_scale + |d|, bounds the absolute error.
-        log_size = 1.0 + logit_scale + true_stats[2].abs().max().item()
-        bound = FP32_REL * log_size * coef.abs().max().item() / tau + ULP[grad.dtype] * true_g.abs()
-        assert bool((err <= bound).all()), f"{name}: max error {err.max().item():.3e} above float32 + 1 ulp"
         plain_err = (plain_g.double() - true_g).abs().max().item()
-        # The row contract hands the backward lse_s, lse_t, d (and aux) as float32 numbers, and the backward
-        # evaluates log p = z / tau - lse in float32: log p carries a rounding of about
-        # eps * (|a| + |lse| + |log p|), which plain PyTorch (one log_softmax relative to the row max,
-        # autograd cancelling d inside one expression) does not pay. To first order each entry
-        # g = coef / tau * p * F (F = log p_s - log p_t - d or alike) then errs by up to
-        #     coef / tau * (p_s + p_t) * dF  +  |g| * d(log p),    dF = d(log p_s) + d(log p_t) + eps * |stats|.
-        stats_ulp = stats_rounding_allowance(s64[:, :V], t64[:, :V], true_stats, coef, tau, true_g)
+        # The row contract hands the backward lse_s, lse_t, d (and aux) as float32 numbers, which plain
+        # PyTorch (one log_softmax relative to the row max, autograd cancelling d inside one expression)
+        # does not pay: allow twice their first-order effect (row_cases.stats_rounding_allowance).
+        stats_ulp = stats_rounding_allowance(s64[:, :V], t64[:, :V], true_stats, coef, tau, BETA, true_g)
         allowed = PLAIN_FACTOR * plain_err + ULP[grad.dtype] * true_g.abs() + 2 * stats_ulp
         worst = (err - allowed).max().item()
         assert worst <= 0, f"{name}: error {err.max().item():.3e} vs plain {low} {plain_err:.3e}"
