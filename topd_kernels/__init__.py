@@ -2,7 +2,7 @@
 
     loss = topd_kernels.fused_window_kl(student_logits, teacher_logits, mask=mask)
 
-Semantics: SPEC.md, stated as runnable float64 code in `topd_kernels.reference`.
+Semantics: docs/SPEC.md, stated as runnable float64 code in `topd_kernels.reference`.
 """
 from . import reference
 from .api import Quantile, WindowKLStats

@@ -67,7 +67,7 @@ def fused_window_kl(
     loss_threshold=None, div_threshold=None, suppress_weight=0.0, guidance_weight=0.0,
     reduction="mean", num_items=None, vocab_size=None, return_stats=False, backend="auto",
 ):
-    """The trajectory-aware on-policy distillation loss (semantics: SPEC.md, `reference.py`).
+    """The trajectory-aware on-policy distillation loss (semantics: docs/SPEC.md, `reference.py`).
 
     Args:
         student_logits: (B, T, Vs) or packed (N, Vs); float32, bfloat16 or float16.

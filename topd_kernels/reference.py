@@ -1,4 +1,4 @@
-"""The semantics of `fused_window_kl` (../SPEC.md) as plain float64 PyTorch.
+"""The semantics of `fused_window_kl` (docs/SPEC.md) as plain float64 PyTorch.
 
 Written for reading, not for speed: full log-softmaxes, and explicit loops over positions for the
 window score and the guidance spread. Differentiable through d_t only (the weights are detached, as the
