@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from topd_kernels import Quantile, WindowKLStats
+from topd_kernels.api import check_config
 
 METHODS = ("opd", "opd-filter", "topd", "trd")
 
@@ -33,15 +34,13 @@ class MethodSettings:
     guidance_weight: float = 0.5
 
     def __post_init__(self):
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
-        for name in ("loss_quantile", "div_quantile", "suppress_weight"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.guidance_weight < 0:
-            raise ValueError(f"guidance_weight must be >= 0, got {self.guidance_weight}")
+        # The valid ranges are the loss's own: check them where the loss does (Quantile, check_config).
+        for name in ("loss_quantile", "div_quantile"):
+            try:
+                Quantile(getattr(self, name))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        check_config(**loss_kwargs("topd", self))
 
     def to_dict(self) -> dict:
         return asdict(self)
