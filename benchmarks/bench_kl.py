@@ -56,6 +56,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(HERE))
 from memtrack import measure_peak  # noqa: E402  (benchmarks/ is not a package)
+from gpu_timing import bench_gpu, copy_bandwidth_gpu  # noqa: E402
 
 import topd_kernels  # noqa: E402
 from topd_kernels import Quantile, backends  # noqa: E402
@@ -266,11 +267,8 @@ class Timer:
         return out
 
     def _cuda(self, fn: Callable, grad_to_none) -> dict:
-        from triton.testing import do_bench
-
-        med, p20, p80 = do_bench(fn, warmup=self.args.warmup_ms, rep=self.args.rep_ms,
-                                 grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
-        return {"median_ms": float(med), "p20_ms": float(p20), "p80_ms": float(p80), "reps": None}
+        timing = bench_gpu(fn, warmup_ms=self.args.warmup_ms, rep_ms=self.args.rep_ms, grad_to_none=grad_to_none)
+        return dict(timing, reps=None)
 
     def time_all(self, fn: Callable, copies: list) -> dict:
         nxt = itertools.cycle(range(len(copies))).__next__
@@ -335,22 +333,19 @@ class Timer:
 def copy_bandwidth(device: torch.device, args) -> dict:
     """Device copy bandwidth, read + write counted: bytes/s of dst.copy_(src) on a big tensor."""
     nbytes = int(args.copy_bytes) if args.copy_bytes else ((1 << 30) if device.type == "cuda" else (256 << 20))
+    if device.type == "cuda":
+        copy = copy_bandwidth_gpu(nbytes, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+        return {key: copy[key] for key in ("bytes", "median_ms", "bytes_per_s")}
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        ms = float(do_bench(lambda: dst.copy_(src), warmup=args.warmup_ms, rep=args.rep_ms,
-                            quantiles=[0.5, 0.2, 0.8])[0])
-    else:
-        for _ in range(2):
-            dst.copy_(src)
-        ts = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            ts.append((time.perf_counter() - t0) * 1e3)
-        ms = _summary(ts)["median_ms"]
+    for _ in range(2):
+        dst.copy_(src)
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    ms = _summary(ts)["median_ms"]
     del src, dst
     return {"bytes": nbytes, "median_ms": ms, "bytes_per_s": 2 * nbytes / (ms * 1e-3)}
 

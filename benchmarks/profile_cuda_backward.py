@@ -20,6 +20,8 @@ import sys
 
 import torch
 
+from gpu_timing import bench_gpu, copy_bandwidth_gpu  # benchmarks/ is this script's folder
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -28,9 +30,8 @@ def _fail(msg: str) -> None:
     raise SystemExit(2)
 
 
-def _bench(fn, do_bench) -> dict:
-    med, lo, hi = do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
-    return {"median_ms": med, "p20_ms": lo, "p80_ms": hi}
+def _bench(fn) -> dict:
+    return bench_gpu(fn, warmup_ms=25, rep_ms=200)
 
 
 def main(argv=None) -> int:
@@ -52,7 +53,6 @@ def main(argv=None) -> int:
         _fail(f"the CUDA extension is not built: {why}")
     try:
         import triton
-        from triton.testing import do_bench
     except Exception as exc:  # noqa: BLE001
         _fail(f"needs triton for do_bench: {exc}")
     try:
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
 
         entry = {"rows": n, "vocab": V, "dtype": args.dtype, "divergence": div, "teacher_grad": args.teacher_grad,
                  "bytes": bytes_moved}
-        r = _bench(ext, do_bench)
+        r = _bench(ext)
         r["GBps"] = bytes_moved / (r["median_ms"] * 1e-3) / 1e9
         entry["cuda_extension"] = r
         if triton_rows is not None:
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
             def tri():
                 triton_rows.row_backward(s, t, stats, coef, V, tau, div, beta, ts, tt)
 
-            r = _bench(tri, do_bench)
+            r = _bench(tri)
             r["GBps"] = bytes_moved / (r["median_ms"] * 1e-3) / 1e9
             entry["triton"] = r
             ext(), tri()
@@ -105,13 +105,11 @@ def main(argv=None) -> int:
         else:
             entry["triton"] = {"error": triton_error}
         # yardstick: a plain copy of the same number of bytes (read + write counted)
-        src = torch.empty(bytes_moved // 2, dtype=torch.uint8, device="cuda")
-        dst = torch.empty_like(src)
-        r = _bench(lambda: dst.copy_(src), do_bench)
-        r["GBps"] = 2 * src.numel() / (r["median_ms"] * 1e-3) / 1e9
+        r = copy_bandwidth_gpu(bytes_moved // 2, warmup_ms=25, rep_ms=200)
+        r["GBps"] = r.pop("bytes_per_s") / 1e9
         entry["copy"] = r
         entry["cuda_fraction_of_copy_bw"] = entry["cuda_extension"]["GBps"] / r["GBps"]
-        del src, dst, s, t, gs, gt, stats
+        del s, t, gs, gt, stats
         torch.cuda.empty_cache()
         results.append(entry)
         tri_txt = (f"triton {entry['triton']['median_ms']:.3f} ms ({entry['triton']['GBps']:.0f} GB/s)"

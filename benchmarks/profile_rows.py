@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         _fail("no CUDA device (torch.cuda.is_available() is False): nothing measured, no results written.")
     import triton
-    from triton.testing import do_bench
+
+    from gpu_timing import bench_gpu, copy_bandwidth_gpu  # benchmarks/ is this script's folder
 
     try:
         from topd_kernels import torch_rows, triton_rows
@@ -77,17 +78,11 @@ def main(argv=None) -> int:
     props = torch.cuda.get_device_properties(device)
 
     def bench(fn):
-        ms = do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.5, 0.2, 0.8])
-        return dict(median_ms=ms[0], p20_ms=ms[1], p80_ms=ms[2])
+        return bench_gpu(fn, warmup_ms=args.warmup, rep_ms=args.rep)
 
     # Copy bandwidth of this device, this run: read + write of a large buffer.
-    copy_elems = int(args.copy_gib * 2 ** 30) // 4
-    src = torch.empty(copy_elems, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    copy = bench(lambda: dst.copy_(src))
-    copy_bytes = 2 * copy_elems * 4
-    copy_bw = copy_bytes / (copy["median_ms"] * 1e-3)
-    del src, dst
+    copy = copy_bandwidth_gpu(int(args.copy_gib * 2 ** 30), warmup_ms=args.warmup, rep_ms=args.rep)
+    copy_bytes, copy_bw = 2 * copy.pop("bytes"), copy.pop("bytes_per_s")
     torch.cuda.empty_cache()
 
     gen = torch.Generator(device=device).manual_seed(0)

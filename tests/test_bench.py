@@ -249,3 +249,26 @@ def test_oom_is_reported_not_dropped(tmp_path, monkeypatch):
     assert rows["topd[torch]"]["speedup_vs_eager"] is None
     assert "| eager | OOM |" in (tmp_path / "oom.md").read_text()
     assert len(result["results"]) == 2
+
+
+def test_gpu_timing_reports_quantiles_and_copy_bandwidth(monkeypatch):
+    """The shared GPU timing (bench_kl, profile_rows, profile_cuda_backward) with do_bench stood in for on
+    the CPU: quantiles passed through in order, the copy yardstick counts read + write of the buffer."""
+    import triton.testing
+
+    import gpu_timing
+
+    seen = {}
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none=None, quantiles=None):
+        fn()
+        seen.update(warmup=warmup, rep=rep, quantiles=quantiles)
+        return [2.0, 1.5, 3.0]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    assert gpu_timing.bench_gpu(lambda: None, warmup_ms=7, rep_ms=11) == {
+        "median_ms": 2.0, "p20_ms": 1.5, "p80_ms": 3.0}
+    assert seen == {"warmup": 7, "rep": 11, "quantiles": [0.5, 0.2, 0.8]}
+    copy = gpu_timing.copy_bandwidth_gpu(4 << 20, warmup_ms=1, rep_ms=1, device="cpu")
+    assert copy["bytes"] == 4 << 20
+    assert copy["bytes_per_s"] == 2 * (4 << 20) / 2e-3
