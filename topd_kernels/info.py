@@ -97,7 +97,7 @@ def report() -> str:
                "which needs TRITON_INTERPRET=1 set before import (the tests set it)")
             + ("" if numpy_ok else "; the interpreter also needs numpy, which is missing"))
     if not built:
-        add(f"  triton+cuda  no: CUDA extension not built")
+        add("  triton+cuda  no: CUDA extension not built")
     elif not triton_ok:
         add("  triton+cuda  no: needs triton for the forward")
     elif not has_cuda:
