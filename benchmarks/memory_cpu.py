@@ -4,12 +4,16 @@
 For N=4096 tokens, V=32000, float32 logits (one N x V float32 tensor = 500 MiB):
     fused_window_kl(..., backend="torch") with the default arguments,
     fused_window_kl(..., backend="torch") with window 8 + Quantile thresholds + guidance (TOPD),
-    plain PyTorch eager (benchmarks/bench_kl.py's baseline) for the same two losses,
+    plain PyTorch eager (benchmarks/harness/baselines.py) for the same two losses,
+    fused_window_kl(..., backend="torch"), default arguments, on (B, T, V) logits (B = --batch, T = N / B):
+        contiguous, and the causal shift student = logits[:, :-1] of a (B, T + 1, V) tensor (a strided
+        view, read in place),
 report the peak memory allocated during forward+backward beyond the inputs and the returned gradient
 (the gradient of the student logits, which any implementation must produce), as a % of one N x V float32
-tensor. Target for topd_kernels: <= 25%. Plain eager is expected near 500%.
+tensor, and the forward's own peak and what it saves for the backward (a copy of the view would show
+there). Target for topd_kernels: <= 25%. Plain eager is expected near 500%.
 
-Measured with benchmarks/memtrack.py: StorageTracker (a TorchDispatchMode counting live tensor
+Measured with benchmarks/harness/memtrack.py: StorageTracker (a TorchDispatchMode counting live tensor
 storages) and, as a cross-check, ProfilerTracker (the CPU allocator's events from torch.profiler).
 
     python benchmarks/memory_cpu.py                 # writes benchmarks/results/memory_cpu.json
@@ -18,121 +22,143 @@ storages) and, as a cross-check, ProfilerTracker (the CPU allocator's events fro
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
-import json
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import torch
 
-import torch  # noqa: E402
-
-import topd_kernels  # noqa: E402
-from bench_kl import environment, eager_window_kl, make_configs, make_inputs, parse_args as bench_args, topd_kwargs  # noqa: E402
-from memtrack import measure_peak  # noqa: E402
+import harness  # benchmarks/, this script's folder, is on sys.path
+import topd_kernels
+from harness import header
+from harness.baselines import eager_window_kl
+from harness.configs import OPD, TOPD, config_json, make_inputs
+from harness.memtrack import measure_memory
 
 TARGET_PCT = 25.0
+log = functools.partial(harness.log, "memory_cpu")
 
 
-def cases(topd_cfg: dict) -> list:
-    """(name, kind, loss function) for every measured case."""
-    kw = topd_kwargs(topd_cfg)
+def _topd(**cfg):
+    return lambda s, t: topd_kernels.fused_window_kl(s, t, backend="torch", **cfg)
+
+
+def _shifted(fn):
+    """fn on the causal shift: the student is logits[:, :-1] of the (B, T + 1, V) leaf."""
+    return lambda logits, t: fn(logits[:, :-1], t)
+
+
+def cases(n: int, v: int, batch: int, seed: int) -> list:
+    """(name, kind, inputs (student leaf, teacher), loss fn(student leaf, teacher), target applies) of
+    every measured case; the students require grad."""
+    if n % batch:
+        raise SystemExit(f"--batch: {batch} does not divide N={n}")
+    s, t = make_inputs(n, v, torch.float32, torch.device("cpu"), seed)
+    packed = (s.requires_grad_(True), t)
+    rows_3d = (s.detach().view(batch, n // batch, v).requires_grad_(True), t.view(batch, n // batch, v))
+    logits = torch.cat([rows_3d[0].detach(), torch.randn(batch, 1, v)], dim=1).requires_grad_(True)
+    shifted = (logits, rows_3d[1])
+    # eager's equivalent of the default arguments: window 8 without thresholds or guidance weighs every
+    # token 1, which is OPD's loss
     return [
-        ("topd[torch] default args", "topd",
-         lambda s, t: topd_kernels.fused_window_kl(s, t, backend="torch")),
-        ("topd[torch] window 8 + Quantile thresholds + guidance", "topd",
-         lambda s, t: topd_kernels.fused_window_kl(s, t, backend="torch", **kw)),
-        # eager equivalents: defaults are window 8 with no thresholds and no guidance, i.e. every weight is 1
-        ("eager, same loss as default args", "eager",
-         lambda s, t: eager_window_kl(s, t, window=1)),
-        ("eager, window 8 + Quantile thresholds + guidance", "eager",
-         lambda s, t: eager_window_kl(s, t, **topd_cfg)),
+        ("topd[torch] default args", "topd", packed, _topd(), True),
+        ("topd[torch] window 8 + Quantile thresholds + guidance", "topd", packed, _topd(**TOPD), True),
+        ("eager, same loss as default args", "eager", packed, functools.partial(eager_window_kl, **OPD), False),
+        ("eager, window 8 + Quantile thresholds + guidance", "eager", packed,
+         functools.partial(eager_window_kl, **TOPD), False),
+        ("topd[torch] default args, (B, T, V) contiguous", "topd", rows_3d, _topd(), True),
+        ("topd[torch] default args, student = logits[:, :-1] of (B, T+1, V)", "topd", shifted,
+         _shifted(_topd()), False),
     ]
 
 
-def measure(fn, s, t, tracker: str) -> dict:
-    s.grad = None
+def measure(fn, student, teacher, tracker: str) -> dict:
+    """Peaks of fn(student, teacher) (student: the leaf that gets the gradient) above the inputs."""
     gc.collect()
+    t0 = time.perf_counter()
+    m = measure_memory(fn, student, teacher, torch.device("cpu"), tracker)
+    seconds = time.perf_counter() - t0
+    grad_bytes = student.numel() * student.element_size()
+    loss = float(fn(student, teacher).detach())
+    return {"peak_bytes": m["peak_step_bytes"], "kept_bytes": m["kept_after_step_bytes"], "grad_bytes": grad_bytes,
+            "extra_bytes": m["peak_step_bytes"] - grad_bytes, "fwd_peak_bytes": m["peak_fwd_bytes"],
+            "saved_bytes": m["saved_bytes"], "seconds": seconds, "loss": loss}
 
-    def step():
-        fn(s, t).backward()
 
-    m = measure_peak(step, torch.device("cpu"), tracker)
-    grad_bytes = s.grad.numel() * s.grad.element_size() if s.grad is not None else 0
-    loss = float(fn(s, t).detach())
-    s.grad = None
-    return {"peak_bytes": m["peak_bytes"], "kept_bytes": m["live_bytes"], "grad_bytes": grad_bytes,
-            "extra_bytes": m["peak_bytes"] - grad_bytes, "seconds": m["seconds"], "loss": loss}
+def table(result: dict) -> str:
+    """The markdown table of a result."""
+    trackers, unit, mib = result["trackers"], result["unit_bytes"], 2 ** 20
+    lines = [f"CPU memory, N={result['N']} V={result['V']} fp32 (B={result['batch']} for the (B, T, V) cases): "
+             f"one N x V fp32 tensor = {unit / mib:.0f} MiB; extra = peak during fwd+bwd beyond the inputs and "
+             f"the returned gradient; fwd: the forward alone, its peak and what it saves for the backward",
+             "",
+             "| case | " + " | ".join(f"extra % ({tr})" for tr in trackers)
+             + " | extra MiB | peak incl. gradient | fwd peak MiB | saved for bwd MiB | target | loss |",
+             "|---|" + "---|" * len(trackers) + "---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        m = r[trackers[0]]
+        target = "" if "target_pct" not in r else (
+            f"<= {r['target_pct']:.0f}%: {'yes' if r['meets_target'] else 'NO'}")
+        lines.append(f"| {r['case']} | " + " | ".join(f"{r[tr]['extra_pct']:.1f}%" for tr in trackers)
+                     + f" | {m['extra_bytes'] / mib:.1f} | {m['peak_pct_incl_grad']:.1f}% "
+                     f"| {m['fwd_peak_bytes'] / mib:.1f} | {m['saved_bytes'] / mib:.2f} | {target} | {m['loss']:.6f} |")
+    lines += ["", "The sliced case's gradient is that of the whole (B, T+1, V) tensor. Its backward also holds "
+                  "the (B, T, V) gradient of the view while autograd's slice backward copies it into the "
+                  "(B, T+1, V) one: that is the extra beyond the contiguous case, and any loss computed on a "
+                  "view pays it (no target given). The forward columns show that the view itself is not copied."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--N", type=int, default=4096)
     p.add_argument("--V", type=int, default=32000)
+    p.add_argument("--batch", type=int, default=4, help="B of the (B, T, V) cases (T = N / B)")
     p.add_argument("--trackers", default="dispatch,profiler",
                    help="comma list: dispatch (StorageTracker), profiler (ProfilerTracker)")
-    p.add_argument("--out", default=str(HERE / "results" / "memory_cpu.json"))
+    p.add_argument("--out", default=str(header.RESULTS / "memory_cpu.json"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     trackers = [x for x in args.trackers.split(",") if x]
-    topd_cfg = make_configs(bench_args([]))["topd"]
 
     device = torch.device("cpu")
-    s, t = make_inputs(args.N, args.V, torch.float32, device, args.seed)
-    s.requires_grad_(True)
+    env = header.environment(device)
     unit = args.N * args.V * 4  # one N x V float32 tensor
     rows = []
     t0 = time.perf_counter()
-    for name, kind, fn in cases(topd_cfg):
-        row = {"case": name, "kind": kind}
+    for name, kind, (student, teacher), fn, has_target in cases(args.N, args.V, args.batch, args.seed):
+        row = {"case": name, "kind": kind, "student_shape": list(student.shape)}
         for tr in trackers:
-            print(f"[memory_cpu] {name}: {tr} ...", file=sys.stderr, flush=True)
-            m = measure(fn, s, t, tr)
+            log(f"{name}: {tr} ...")
+            m = measure(fn, student, teacher, tr)
             m["extra_pct"] = 100.0 * m["extra_bytes"] / unit
             m["peak_pct_incl_grad"] = 100.0 * m["peak_bytes"] / unit
             row[tr] = m
-        main_m = row[trackers[0]]
-        row["extra_pct"] = main_m["extra_pct"]
-        if kind == "topd":
+        row["extra_pct"] = row[trackers[0]]["extra_pct"]
+        if has_target:
             row["target_pct"] = TARGET_PCT
             row["meets_target"] = bool(max(row[tr]["extra_pct"] for tr in trackers) <= TARGET_PCT)
         rows.append(row)
 
     result = {
-        "schema": "topd_kernels.memory_cpu/1",
-        "env": environment(device),
-        "N": args.N, "V": args.V, "dtype": "fp32",
+        "schema": "topd_kernels.memory_cpu/2",
+        "env": env,
+        "N": args.N, "V": args.V, "batch": args.batch, "dtype": "fp32",
         "unit_bytes": unit,
         "unit": "one N x V float32 tensor",
         "measure": "peak bytes allocated during forward+backward above the inputs, minus the student "
-                   "gradient (kept after the call); extra_pct = that / unit_bytes * 100",
+                   "gradient (kept after the call); extra_pct = that / unit_bytes * 100. fwd_peak_bytes, "
+                   "saved_bytes: peak of the forward alone above the inputs, and what its graph keeps",
         "trackers": trackers,
-        "topd_config": topd_cfg,
+        "topd_config": config_json(TOPD),
         "rows": rows,
         "wall_s": time.perf_counter() - t0,
     }
-    lines = [f"CPU memory, N={args.N} V={args.V} fp32: one N x V fp32 tensor = {unit / 2**20:.0f} MiB; "
-             f"extra = peak during fwd+bwd beyond the inputs and the returned gradient",
-             "",
-             "| case | " + " | ".join(f"extra % ({tr})" for tr in trackers)
-             + " | extra MiB | peak incl. gradient | target | loss |",
-             "|---|" + "---|" * len(trackers) + "---|---|---|---|"]
-    for r in rows:
-        m = r[trackers[0]]
-        target = "" if "target_pct" not in r else (
-            f"<= {r['target_pct']:.0f}%: {'yes' if r['meets_target'] else 'NO'}")
-        lines.append(f"| {r['case']} | " + " | ".join(f"{r[tr]['extra_pct']:.1f}%" for tr in trackers)
-                     + f" | {m['extra_bytes'] / 2**20:.1f} | {m['peak_pct_incl_grad']:.1f}% | {target} "
-                     f"| {m['loss']:.6f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    result["table"] = table
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"[memory_cpu] wrote {out}", file=sys.stderr)
+    header.finish(env)
+    result["table"] = table(result)
+    print(result["table"])
+    log(f"wrote {header.write_json(Path(args.out), result)}")
     return result
 
 

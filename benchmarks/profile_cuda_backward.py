@@ -1,37 +1,57 @@
+#!/usr/bin/env python
 """Bandwidth of the CUDA-extension row backward vs the Triton row backward, on a GPU.
 
     python benchmarks/profile_cuda_backward.py                      # N=8192, V=151936 and 128256, bf16
     python benchmarks/profile_cuda_backward.py --vocab 151936 --divergence jsd --teacher-grad
 
-Times `cuda_rows.row_backward` and `triton_rows.row_backward` with triton.testing.do_bench (median, with
-20% / 80% quantiles), and a device-to-device copy of the same size as the yardstick. Bytes counted: both
-logits read + the gradient(s) written (N * V * (size_s + size_t + size_s [+ size_t])); the copy counts
-read + write. Writes JSON to benchmarks/results/. Needs a CUDA device and the built extension; exits
-with status 2 and a message otherwise.
+Times the backward of backend "triton+cuda" (the CUDA extension) and of backend "triton", as
+`topd_kernels.rows.registry` resolves them, on one packed (1, N, V) row call, with triton.testing.do_bench
+(median, with 20% / 80% quantiles), and a device-to-device copy of half the backward's bytes as the
+yardstick (read + write counted). Bytes counted: `harness.profiling.row_traffic`'s backward (both logits
+read + the gradient(s) written, and the O(N) statistics). Writes JSON to benchmarks/results/. Needs a
+CUDA device and the built extension; exits with status 2 and a message otherwise.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
-import sys
 
 import torch
 
-from gpu_timing import bench_gpu, copy_bandwidth_gpu  # benchmarks/ is this script's folder
+from harness import header  # benchmarks/, this script's folder, is on sys.path
+from harness.configs import DTYPES
+from harness.profiling import bandwidth, gpu_row_ops, row_inputs, row_traffic
+from harness.timing import bench_gpu, copy_bandwidth
+from topd_kernels.config import DIVERGENCES, DIVERGENCE_CODES
+from topd_kernels.rows.contract import make_row_call
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _fail(msg: str) -> None:
-    print(f"profile_cuda_backward: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+SCRIPT = "profile_cuda_backward.py"
 
 
 def _bench(fn) -> dict:
     return bench_gpu(fn, warmup_ms=25, rep_ms=200)
+
+
+def compare(cuda_ops, triton_ops, rows: tuple, divergence: str, teacher_grad: bool, bench, copy) -> dict:
+    """One vocabulary: the backward of `cuda_ops` and of `triton_ops` timed by `bench` on rows = (student,
+    teacher, mask, coef), the largest gradient difference between them, and the copy yardstick from
+    copy(nbytes) (a copy_bandwidth result)."""
+    student, teacher, mask, coef = rows
+    n, vocab = mask.numel(), student.shape[-1]
+    call = make_row_call(student, teacher, vocab, 1.0, DIVERGENCE_CODES[divergence], 0.5)
+    stats = triton_ops.forward(student, teacher, mask, call)
+    nbytes = row_traffic(n, vocab, student.element_size(), teacher_grad)["backward"]
+    yardstick = copy(nbytes // 2)
+    entry = {"rows": n, "vocab": vocab, "dtype": str(student.dtype).replace("torch.", ""), "divergence": divergence,
+             "teacher_grad": teacher_grad, "bytes": nbytes,
+             "copy": dict(yardstick, GBps=yardstick["bytes_per_s"] / 1e9)}
+    grads = {}
+    for key, ops in (("cuda_extension", cuda_ops), ("triton", triton_ops)):
+        entry[key] = bandwidth(bench(lambda: ops.backward(student, teacher, stats, coef, call, teacher_grad)),
+                               nbytes, yardstick["bytes_per_s"])
+        grads[key] = ops.backward(student, teacher, stats, coef, call, teacher_grad)[0]
+    entry["max_abs_diff_vs_triton"] = float((grads["cuda_extension"].float() - grads["triton"].float()).abs().max())
+    entry["cuda_speedup_vs_triton"] = entry["triton"]["median_ms"] / entry["cuda_extension"]["median_ms"]
+    return entry
 
 
 def main(argv=None) -> int:
@@ -39,102 +59,35 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--vocab", type=int, nargs="+", default=[151936, 128256])
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    ap.add_argument("--divergence", choices=["reverse_kl", "forward_kl", "jsd"], default="reverse_kl")
+    ap.add_argument("--divergence", choices=DIVERGENCES, default="reverse_kl")
     ap.add_argument("--teacher-grad", action="store_true", help="also write the teacher gradient")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cuda_backward_<gpu>_<time>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default benchmarks/results/cuda_backward_<gpu>_<time>.json)")
     args = ap.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        _fail("needs a CUDA device (torch.cuda.is_available() is False); nothing measured")
-    from topd_kernels import cuda_rows
+    ops = gpu_row_ops(SCRIPT, ["triton+cuda", "triton"])
+    from topd_kernels.rows import cuda_rows
 
-    built, why = cuda_rows.extension_status()
-    if not built:
-        _fail(f"the CUDA extension is not built: {why}")
-    try:
-        import triton
-    except Exception as exc:  # noqa: BLE001
-        _fail(f"needs triton for do_bench: {exc}")
-    try:
-        from topd_kernels import triton_rows
-        triton_error = None
-    except Exception as exc:  # noqa: BLE001
-        triton_rows, triton_error = None, f"{type(exc).__name__}: {exc}"
-    from topd_kernels import torch_rows
-
-    dtype = DTYPES[args.dtype]
-    esize = torch.finfo(dtype).bits // 8
-    n, div, beta, tau = args.rows, args.divergence, 0.5, 1.0
-    props = torch.cuda.get_device_properties(0)
+    device = torch.device("cuda")
+    env = header.environment(device)
     results = []
-    for V in args.vocab:
-        torch.manual_seed(0)
-        s = (torch.randn(n, V, device="cuda", dtype=dtype) * 3)
-        t = (0.6 * torch.randn(n, V, device="cuda", dtype=dtype) * 3 + 0.8 * s)
-        coef = torch.full((n,), 1.0 / n, device="cuda")
-        forward = triton_rows.row_forward if triton_rows is not None else torch_rows.row_forward
-        stats = forward(s, t, V, tau, div, beta)
-        gs = torch.empty_like(s)
-        gt = torch.empty_like(t) if args.teacher_grad else None
-        n_out = 2 if args.teacher_grad else 1
-        bytes_moved = n * V * esize * (2 + n_out)
-
-        def ext():
-            cuda_rows.row_backward(s, t, stats, coef, V, tau, div, beta, gs, gt)
-
-        entry = {"rows": n, "vocab": V, "dtype": args.dtype, "divergence": div, "teacher_grad": args.teacher_grad,
-                 "bytes": bytes_moved}
-        r = _bench(ext)
-        r["GBps"] = bytes_moved / (r["median_ms"] * 1e-3) / 1e9
-        entry["cuda_extension"] = r
-        if triton_rows is not None:
-            ts = torch.empty_like(s)
-            tt = torch.empty_like(t) if args.teacher_grad else None
-
-            def tri():
-                triton_rows.row_backward(s, t, stats, coef, V, tau, div, beta, ts, tt)
-
-            r = _bench(tri)
-            r["GBps"] = bytes_moved / (r["median_ms"] * 1e-3) / 1e9
-            entry["triton"] = r
-            ext(), tri()
-            torch.cuda.synchronize()
-            entry["max_abs_diff_vs_triton"] = float((gs.float() - ts.float()).abs().max())
-            entry["cuda_speedup_vs_triton"] = entry["triton"]["median_ms"] / entry["cuda_extension"]["median_ms"]
-            del ts, tt
-        else:
-            entry["triton"] = {"error": triton_error}
-        # yardstick: a plain copy of the same number of bytes (read + write counted)
-        r = copy_bandwidth_gpu(bytes_moved // 2, warmup_ms=25, rep_ms=200)
-        r["GBps"] = r.pop("bytes_per_s") / 1e9
-        entry["copy"] = r
-        entry["cuda_fraction_of_copy_bw"] = entry["cuda_extension"]["GBps"] / r["GBps"]
-        del s, t, gs, gt, stats
+    for vocab in args.vocab:
+        rows = row_inputs(args.rows, vocab, DTYPES[args.dtype], device)
+        entry = compare(ops["triton+cuda"], ops["triton"], rows, args.divergence, args.teacher_grad, _bench,
+                        lambda nbytes: copy_bandwidth(device, nbytes, warmup_ms=25, rep_ms=200))
+        del rows
         torch.cuda.empty_cache()
         results.append(entry)
-        tri_txt = (f"triton {entry['triton']['median_ms']:.3f} ms ({entry['triton']['GBps']:.0f} GB/s)"
-                   if "median_ms" in entry["triton"] else f"triton: {triton_error}")
-        print(f"N={n} V={V} {args.dtype} {div}{' +grad_t' if args.teacher_grad else ''}: "
-              f"cuda {entry['cuda_extension']['median_ms']:.3f} ms ({entry['cuda_extension']['GBps']:.0f} GB/s, "
-              f"{100 * entry['cuda_fraction_of_copy_bw']:.0f}% of copy {entry['copy']['GBps']:.0f} GB/s); {tri_txt}")
+        cuda, tri = entry["cuda_extension"], entry["triton"]
+        print(f"N={args.rows} V={vocab} {args.dtype} {args.divergence}{' +grad_t' if args.teacher_grad else ''}: "
+              f"cuda {cuda['median_ms']:.3f} ms ({cuda['achieved_GBps']:.0f} GB/s, "
+              f"{100 * cuda['fraction_of_copy_bw']:.0f}% of copy {entry['copy']['GBps']:.0f} GB/s); "
+              f"triton {tri['median_ms']:.3f} ms ({tri['achieved_GBps']:.0f} GB/s)")
 
-    report = {
-        "benchmark": "profile_cuda_backward",
-        "when_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": props.name, "sm": f"{props.major}{props.minor}", "sms": props.multi_processor_count,
-        "torch": torch.__version__, "triton": triton.__version__, "cuda_runtime_torch": torch.version.cuda,
-        "extension": why, "python": platform.python_version(), "results": results,
-    }
-    out = args.out
-    if out is None:
-        here = os.path.dirname(os.path.abspath(__file__))
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        gpu = "".join(c if c.isalnum() else "_" for c in props.name).strip("_")
-        out = os.path.join(here, "results", f"cuda_backward_{gpu}_{stamp}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {out}")
+    report = {"benchmark": "profile_cuda_backward", "env": env, "extension": cuda_rows.extension_status()[1],
+              "results": results}
+    header.finish(env)
+    print(f"wrote {header.write_json(args.out or header.result_path('cuda_backward', env), report)}")
     return 0
 
 

@@ -1,6 +1,14 @@
 // pybind11 module topd_kernels._cuda_backward: no torch headers; addresses, sizes, strides and the CUDA
-// stream are plain integers (the Python side, topd_kernels/cuda_rows.py, takes them from tensors).
+// stream are plain integers (the Python side, topd_kernels/rows/cuda_rows.py, takes them from tensors).
+//
+//   BackwardCall                 the call, one attribute per field of TOPD_BACKWARD_CALL_FIELDS
+//   row_backward_cuda(call, stream, device)
+//   row_backward_host(call, emulated_threads=1)
+//   call_fields                  the field names, in order
+//   divergence_codes, stat_rows, dtype_codes   {name: code} (row_backward.h)
 #include <pybind11/pybind11.h>
+
+#include <sstream>
 
 #include "row_backward.h"
 
@@ -19,32 +27,16 @@ namespace py = pybind11;
 
 namespace {
 
-topd::BackwardCall make_call(uintptr_t student, uintptr_t teacher, uintptr_t stats, uintptr_t coef,
-                             uintptr_t grad_student, uintptr_t grad_teacher, int student_dtype,
-                             int teacher_dtype, int64_t n_rows, int64_t vocab_size, int64_t s_width,
-                             int64_t t_width, int64_t s_stride, int64_t t_stride, int64_t gs_stride,
-                             int64_t gt_stride, int64_t stats_s0, int64_t stats_s1, int64_t coef_s0,
-                             double temperature, int divergence, double beta, int64_t chunk_cols) {
-    topd::BackwardCall c;
-    c.student = student; c.teacher = teacher; c.stats = stats; c.coef = coef;
-    c.grad_student = grad_student; c.grad_teacher = grad_teacher;
-    c.student_dtype = student_dtype; c.teacher_dtype = teacher_dtype;
-    c.n_rows = n_rows; c.vocab_size = vocab_size; c.s_width = s_width; c.t_width = t_width;
-    c.s_stride = s_stride; c.t_stride = t_stride; c.gs_stride = gs_stride; c.gt_stride = gt_stride;
-    c.stats_s0 = stats_s0; c.stats_s1 = stats_s1; c.coef_s0 = coef_s0;
-    c.temperature = temperature; c.divergence = divergence; c.beta = beta; c.chunk_cols = chunk_cols;
-    const std::string why = topd::validate(c);
-    if (!why.empty()) throw py::value_error("topd_kernels._cuda_backward: " + why);
-    return c;
+std::string call_repr(const topd::BackwardCall& c) {
+    std::ostringstream out;
+    const char* sep = "";
+    out << "BackwardCall(";
+#define TOPD_REPR_FIELD(type, name, default_value, doc) out << sep << #name "=" << c.name, sep = ", ";
+    TOPD_BACKWARD_CALL_FIELDS(TOPD_REPR_FIELD)
+#undef TOPD_REPR_FIELD
+    out << ")";
+    return out.str();
 }
-
-#define TOPD_CALL_ARGS                                                                                    \
-    py::arg("student"), py::arg("teacher"), py::arg("stats"), py::arg("coef"), py::arg("grad_student"),  \
-        py::arg("grad_teacher"), py::arg("student_dtype"), py::arg("teacher_dtype"), py::arg("n_rows"),   \
-        py::arg("vocab_size"), py::arg("s_width"), py::arg("t_width"), py::arg("s_stride"),               \
-        py::arg("t_stride"), py::arg("gs_stride"), py::arg("gt_stride"), py::arg("stats_s0"),             \
-        py::arg("stats_s1"), py::arg("coef_s0"), py::arg("temperature"), py::arg("divergence"),           \
-        py::arg("beta")
 
 }  // namespace
 
@@ -54,37 +46,50 @@ PYBIND11_MODULE(_cuda_backward, m) {
     m.attr("nvcc_version") = TOPD_NVCC_VERSION;
     m.attr("block_threads") = topd::block_threads();
 
+    py::dict divergence_codes, stat_rows, dtype_codes;
+#define TOPD_DIVERGENCE_ENTRY(name, py_name, value) divergence_codes[py_name] = static_cast<int>(topd::name);
+#define TOPD_STAT_ENTRY(name, py_name, value) stat_rows[py_name] = static_cast<int>(topd::name);
+#define TOPD_DTYPE_ENTRY(name, py_name, value) dtype_codes[py_name] = static_cast<int>(topd::name);
+    TOPD_DIVERGENCES(TOPD_DIVERGENCE_ENTRY)
+    TOPD_STATS(TOPD_STAT_ENTRY)
+    TOPD_DTYPES(TOPD_DTYPE_ENTRY)
+#undef TOPD_DIVERGENCE_ENTRY
+#undef TOPD_STAT_ENTRY
+#undef TOPD_DTYPE_ENTRY
+    m.attr("divergence_codes") = divergence_codes;
+    m.attr("stat_rows") = stat_rows;
+    m.attr("dtype_codes") = dtype_codes;
+
+    py::class_<topd::BackwardCall> call(m, "BackwardCall",
+                                        "One row-backward call: raw addresses, sizes and element strides "
+                                        "(fields: call_fields; every one defaults as in row_backward.h).");
+    call.def(py::init<>());
+    py::list fields;
+#define TOPD_BIND_FIELD(type, name, default_value, doc)                                                \
+    call.def_readwrite(#name, &topd::BackwardCall::name, doc);                                          \
+    fields.append(#name);
+    TOPD_BACKWARD_CALL_FIELDS(TOPD_BIND_FIELD)
+#undef TOPD_BIND_FIELD
+    call.def("validate", &topd::validate, "'' when the call is valid, else the reason.");
+    call.def("__repr__", &call_repr);
+    m.attr("call_fields") = py::tuple(fields);
+
     m.def(
         "row_backward_cuda",
-        [](uintptr_t student, uintptr_t teacher, uintptr_t stats, uintptr_t coef, uintptr_t grad_student,
-           uintptr_t grad_teacher, int student_dtype, int teacher_dtype, int64_t n_rows, int64_t vocab_size,
-           int64_t s_width, int64_t t_width, int64_t s_stride, int64_t t_stride, int64_t gs_stride,
-           int64_t gt_stride, int64_t stats_s0, int64_t stats_s1, int64_t coef_s0, double temperature,
-           int divergence, double beta, uintptr_t stream, int device, int64_t chunk_cols) {
-            const topd::BackwardCall c = make_call(student, teacher, stats, coef, grad_student, grad_teacher,
-                                                   student_dtype, teacher_dtype, n_rows, vocab_size, s_width,
-                                                   t_width, s_stride, t_stride, gs_stride, gt_stride, stats_s0,
-                                                   stats_s1, coef_s0, temperature, divergence, beta, chunk_cols);
+        [](const topd::BackwardCall& c, uintptr_t stream, int device) {
             py::gil_scoped_release release;
             topd::launch_cuda(c, stream, device);
         },
         "Launch the row backward on CUDA device `device`, stream `stream` (cudaStream_t as an integer).",
-        TOPD_CALL_ARGS, py::arg("stream"), py::arg("device"), py::arg("chunk_cols") = 0);
+        py::arg("call"), py::arg("stream"), py::arg("device"));
 
     m.def(
         "row_backward_host",
-        [](uintptr_t student, uintptr_t teacher, uintptr_t stats, uintptr_t coef, uintptr_t grad_student,
-           uintptr_t grad_teacher, int student_dtype, int teacher_dtype, int64_t n_rows, int64_t vocab_size,
-           int64_t s_width, int64_t t_width, int64_t s_stride, int64_t t_stride, int64_t gs_stride,
-           int64_t gt_stride, int64_t stats_s0, int64_t stats_s1, int64_t coef_s0, double temperature,
-           int divergence, double beta, int64_t chunk_cols, int emulated_threads) {
-            const topd::BackwardCall c = make_call(student, teacher, stats, coef, grad_student, grad_teacher,
-                                                   student_dtype, teacher_dtype, n_rows, vocab_size, s_width,
-                                                   t_width, s_stride, t_stride, gs_stride, gt_stride, stats_s0,
-                                                   stats_s1, coef_s0, temperature, divergence, beta, chunk_cols);
+        [](const topd::BackwardCall& c, int emulated_threads) {
             py::gil_scoped_release release;
             topd::run_host(c, emulated_threads);
         },
-        "The same computation on host memory through the same __host__ __device__ code.",
-        TOPD_CALL_ARGS, py::arg("chunk_cols") = 0, py::arg("emulated_threads") = 1);
+        "The same computation on host memory through the same __host__ __device__ code; "
+        "`emulated_threads` threads of a block run one after the other.",
+        py::arg("call"), py::arg("emulated_threads") = 1);
 }

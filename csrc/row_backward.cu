@@ -1,5 +1,6 @@
 // The row backward of fused_window_kl as a CUDA kernel, plus a host launcher of the same code.
-// The gradient math and its derivation: row_backward_math.cuh. The contract: topd_kernels/backends.py.
+// The gradient math: row_backward_math.cuh; its derivation and the row contract:
+// topd_kernels/rows/contract.py.
 //
 // Kernel layout: grid (rows, column chunks), one block of kThreads threads per (row, chunk). For the
 // usual large N there is one chunk per row (whole row per block); small N splits the row over several
@@ -47,11 +48,14 @@ void dispatch_all(const BackwardCall& c, F&& f) {
 
 int64_t elem_size(int code) { return code == kFloat32 ? 4 : 2; }
 
-bool aligned16(uintptr_t p, int64_t stride, int64_t esize) {
-    return p % 16 == 0 && (stride * esize) % 16 == 0;
+// A dim of size 1 never steps, so its stride does not matter (torch may give it any value).
+bool stride_aligned16(int64_t size, int64_t stride, int64_t esize) {
+    return size <= 1 || (stride * esize) % 16 == 0;
 }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+int64_t n_rows(const BackwardCall& c) { return c.batch * c.length; }
 
 RowArgs make_args(const BackwardCall& c) {
     RowArgs a;
@@ -61,27 +65,33 @@ RowArgs make_args(const BackwardCall& c) {
     a.coef = reinterpret_cast<const float*>(c.coef);
     a.grad_student = reinterpret_cast<void*>(c.grad_student);
     a.grad_teacher = c.grad_teacher ? reinterpret_cast<void*>(c.grad_teacher) : nullptr;
-    a.n_rows = c.n_rows;
+    a.n_rows = n_rows(c);
+    a.length = c.length;
     a.vocab_size = c.vocab_size;
     a.s_width = c.s_width;
     a.t_width = c.t_width;
-    a.s_stride = c.s_stride;
-    a.t_stride = c.t_stride;
-    a.gs_stride = c.gs_stride;
-    a.gt_stride = c.gt_stride;
+    a.s_stride_b = c.s_stride_b;
+    a.s_stride_t = c.s_stride_t;
+    a.t_stride_b = c.t_stride_b;
+    a.t_stride_t = c.t_stride_t;
     a.stats_s0 = c.stats_s0;
     a.stats_s1 = c.stats_s1;
     a.coef_s0 = c.coef_s0;
     a.inv_tau = static_cast<float>(1.0 / c.temperature);
-    const double beta = c.divergence == kJSD ? c.beta : 0.5;   // unused outside jsd; keeps k_t finite
+    const double beta = c.divergence == kJSD ? c.beta : 0.5;   // unused outside jsd
     a.dc.beta = static_cast<float>(beta);
     a.dc.one_minus_beta = static_cast<float>(1.0 - beta);
     a.dc.log_beta = static_cast<float>(std::log(beta));
     a.dc.log_one_minus_beta = static_cast<float>(std::log1p(-beta));
-    const int64_t es = elem_size(c.student_dtype), et = elem_size(c.teacher_dtype);
-    a.vec_ok = aligned16(c.student, c.s_stride, es) && aligned16(c.teacher, c.t_stride, et) &&
-               aligned16(c.grad_student, c.gs_stride, es) &&
-               (c.grad_teacher == 0 || aligned16(c.grad_teacher, c.gt_stride, et));
+    // The vector path needs every row start 16-byte aligned: the bases and the steps of both row dims
+    // of each input, and the bases and row strides (= widths) of the contiguous outputs.
+    const int64_t es = elem_size(c.student_dtype), et = elem_size(c.teacher_dtype), n = a.n_rows;
+    a.vec_ok = c.student % 16 == 0 && stride_aligned16(c.batch, c.s_stride_b, es) &&
+               stride_aligned16(c.length, c.s_stride_t, es) &&
+               c.teacher % 16 == 0 && stride_aligned16(c.batch, c.t_stride_b, et) &&
+               stride_aligned16(c.length, c.t_stride_t, et) &&
+               c.grad_student % 16 == 0 && stride_aligned16(n, c.s_width, es) &&
+               (c.grad_teacher == 0 || (c.grad_teacher % 16 == 0 && stride_aligned16(n, c.t_width, et)));
     a.chunk_cols = 0;
     return a;
 }
@@ -111,29 +121,35 @@ void check(cudaError_t err, const char* what) {
 int block_threads() { return kThreads; }
 
 std::string validate(const BackwardCall& c) {
-    if (c.student_dtype < 0 || c.student_dtype > 2) return "student_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16)";
-    if (c.teacher_dtype < 0 || c.teacher_dtype > 2) return "teacher_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16)";
-    if (c.divergence < 0 || c.divergence > 2) return "divergence must be 0 (reverse_kl), 1 (forward_kl) or 2 (jsd)";
-    if (!(c.temperature > 0.0) || !std::isfinite(c.temperature)) return "temperature must be finite and > 0";
-    if (c.divergence == kJSD && !(c.beta > 0.0 && c.beta < 1.0)) return "beta must be in (0, 1) for jsd";
-    if (c.n_rows < 0) return "n_rows must be >= 0";
-    if (c.n_rows > 2147483647LL) return "n_rows must be < 2**31";
-    if (c.vocab_size < 0 || c.vocab_size > c.s_width || c.vocab_size > c.t_width)
-        return "vocab_size must be in [0, min(student width, teacher width)]";
-    if (c.s_stride < 0 || c.t_stride < 0 || c.gs_stride < 0 || c.gt_stride < 0 || c.stats_s0 < 0 ||
+    if (c.student_dtype < 0 || c.student_dtype >= kNumDTypes) return "student_dtype: unknown dtype code";
+    if (c.teacher_dtype < 0 || c.teacher_dtype >= kNumDTypes) return "teacher_dtype: unknown dtype code";
+    if (c.divergence < 0 || c.divergence >= kNumDivergences) return "divergence: unknown divergence code";
+    if (!(c.temperature > 0.0) || !std::isfinite(c.temperature)) return "temperature: must be finite and > 0";
+    if (c.divergence == kJSD && !(c.beta > 0.0 && c.beta < 1.0)) return "beta: must be in (0, 1) for jsd";
+    if (c.batch < 0 || c.length < 0) return "batch, length: must be >= 0";
+    if (c.length > 0 && c.batch > 2147483647LL / c.length) return "batch * length: must be < 2**31 rows";
+    if (c.vocab_size < 1 || c.vocab_size > c.s_width || c.vocab_size > c.t_width)
+        return "vocab_size: must be in [1, min(student width, teacher width)]";
+    if (c.s_stride_b < 0 || c.s_stride_t < 0 || c.t_stride_b < 0 || c.t_stride_t < 0 || c.stats_s0 < 0 ||
         c.stats_s1 < 0 || c.coef_s0 < 0)
-        return "strides must be >= 0";
-    if (c.chunk_cols < 0 || c.chunk_cols % kVec != 0) return "chunk_cols must be 0 or a positive multiple of 8";
-    if (c.n_rows > 0 && (c.student == 0 || c.teacher == 0 || c.stats == 0 || c.coef == 0 || c.grad_student == 0))
-        return "null pointer";
+        return "strides: must be >= 0";
+    if (c.chunk_cols < 0 || c.chunk_cols % kVec != 0) return "chunk_cols: must be 0 or a positive multiple of 8";
+    if (n_rows(c) > 0 && (c.student == 0 || c.teacher == 0 || c.stats == 0 || c.coef == 0 || c.grad_student == 0))
+        return "null address";
     return "";
 }
 
-void launch_cuda(const BackwardCall& c, uintptr_t stream, int device) {
+namespace {
+void require_valid(const BackwardCall& c) {
     const std::string why = validate(c);
-    if (!why.empty()) throw std::invalid_argument(why);
-    const int64_t width = out_width(c);
-    if (c.n_rows == 0 || width == 0) return;
+    if (!why.empty()) throw std::invalid_argument("topd_kernels._cuda_backward: " + why);
+}
+}  // namespace
+
+void launch_cuda(const BackwardCall& c, uintptr_t stream, int device) {
+    require_valid(c);
+    const int64_t width = out_width(c), rows = n_rows(c);
+    if (rows == 0) return;
 
     int current = -1;
     check(cudaGetDevice(&current), "cudaGetDevice");
@@ -149,7 +165,7 @@ void launch_cuda(const BackwardCall& c, uintptr_t stream, int device) {
         int sms = 0;
         check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
         const int64_t target = static_cast<int64_t>(sms > 0 ? sms : 1) * (2048 / kThreads) * 2;
-        int64_t chunks = (target + c.n_rows - 1) / c.n_rows;
+        int64_t chunks = (target + rows - 1) / rows;
         const int64_t max_chunks = (width + kVec * kThreads - 1) / (kVec * kThreads);   // >= one step per thread
         if (chunks > max_chunks) chunks = max_chunks;
         if (chunks < 1) chunks = 1;
@@ -162,7 +178,7 @@ void launch_cuda(const BackwardCall& c, uintptr_t stream, int device) {
     }
     a.chunk_cols = chunk;
 
-    const dim3 grid(static_cast<unsigned>(c.n_rows), static_cast<unsigned>(n_chunks));
+    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(n_chunks));
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     dispatch_all(c, [&](auto ts, auto tt, auto div) {
         using TS = typename decltype(ts)::type;
@@ -173,17 +189,17 @@ void launch_cuda(const BackwardCall& c, uintptr_t stream, int device) {
 }
 
 void run_host(const BackwardCall& c, int emulated_threads) {
-    const std::string why = validate(c);
-    if (!why.empty()) throw std::invalid_argument(why);
-    if (emulated_threads < 1) throw std::invalid_argument("emulated_threads must be >= 1");
-    const int64_t width = out_width(c);
-    if (c.n_rows == 0 || width == 0) return;
+    require_valid(c);
+    if (emulated_threads < 1)
+        throw std::invalid_argument("topd_kernels._cuda_backward: emulated_threads: must be >= 1");
+    const int64_t width = out_width(c), rows = n_rows(c);
+    if (rows == 0) return;
     RowArgs a = make_args(c);
     a.chunk_cols = c.chunk_cols ? c.chunk_cols : round_up(width, kVec);
     dispatch_all(c, [&](auto ts, auto tt, auto div) {
         using TS = typename decltype(ts)::type;
         using TT = typename decltype(tt)::type;
-        for (int64_t row = 0; row < c.n_rows; ++row)
+        for (int64_t row = 0; row < rows; ++row)
             for (int64_t c0 = 0; c0 < width; c0 += a.chunk_cols) {
                 const int64_t c1 = c0 + a.chunk_cols < width ? c0 + a.chunk_cols : width;
                 for (int tid = 0; tid < emulated_threads; ++tid)

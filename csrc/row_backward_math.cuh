@@ -5,39 +5,17 @@
 // the arithmetic that runs on the GPU (float32 throughout; bf16/fp16 conversions round to nearest even
 // on both sides, via cuda_bf16.h / cuda_fp16.h).
 //
-// ---------------------------------------------------------------------------------------------------
-// Derivation (see also topd_kernels/backends.py, the row-backend contract)
-// ---------------------------------------------------------------------------------------------------
-// One row: logits z_s (student), z_t (teacher) over the first V columns, temperature tau > 0.
-//   a = z / tau,  log p = a - lse  with lse = logsumexp(a) (saved by the forward in stats rows 0, 1),
-//   and dd/dz = (1 / tau) dd/da.  The softmax Jacobian: d(log p_k)/d(a_j) = [k == j] - p_j.
+// The gradients written here are derived once, in topd_kernels/rows/contract.py ("Gradients"). In short,
+// per row, with log p = (z - max z) / tau - logsum from the saved statistics (Stat rows MAX_*, LOGSUM_*):
+//   reverse_kl  dd/da_s = p_s (log p_s - log p_t - d)              dd/da_t = p_t - p_s
+//   forward_kl  dd/da_s = p_s - p_t                                dd/da_t = p_t (log p_t - log p_s - d)
+//   jsd         dd/da_s = (1 - beta) p_s (log p_s - log m - K_s)   dd/da_t = beta p_t (log p_t - log m - K_t)
+//               log m = logaddexp(log(1 - beta) + log p_s, log(beta) + log p_t); K_s, K_t = MIX_S, MIX_T
+// and grad_z = coef / tau * dd/da. A term p * (...) with p == 0 is 0 (never 0 * inf). Rows with
+// coef == 0 are written as exact zeros without reading the logits; columns >= V get 0.
 //
-// For a divergence d(p_s, p_t) with partial derivatives g_j = dd/dp_j, the chain rule through the
-// softmax gives  dd/da_j = p_j (g_j - sum_k p_k g_k).
-//
-// reverse_kl  d = sum_k p_s,k (log p_s,k - log p_t,k)
-//   student: g_j = log p_s,j - log p_t,j + 1, sum_k p_s,k g_k = d + 1
-//            dd/da_s,j = p_s,j (log p_s,j - log p_t,j - d)
-//   teacher: d = sum p_s log p_s - sum_k p_s,k (a_t,k - lse_t); dd/da_t,j = -p_s,j + p_t,j
-//            dd/da_t,j = p_t,j - p_s,j
-// forward_kl  d = sum_k p_t,k (log p_t,k - log p_s,k): the same with the roles swapped:
-//            dd/da_s,j = p_s,j - p_t,j
-//            dd/da_t,j = p_t,j (log p_t,j - log p_s,j - d)
-// jsd (0 < beta < 1)  m = (1 - beta) p_s + beta p_t,  d = beta KL(p_t || m) + (1 - beta) KL(p_s || m)
-//   Since beta p_t + (1 - beta) p_s = m:  d = beta sum p_t log p_t + (1 - beta) sum p_s log p_s
-//                                            - sum m log m.
-//   student: g_j = (1 - beta)(log p_s,j + 1) - (1 - beta)(log m_j + 1) = (1 - beta)(log p_s,j - log m_j)
-//            sum_k p_s,k g_k = (1 - beta) KL(p_s || m) = (1 - beta) K_s
-//            dd/da_s,j = (1 - beta) p_s,j (log p_s,j - log m_j - K_s),   K_s = aux (stats row 3)
-//   teacher: by symmetry
-//            dd/da_t,j = beta p_t,j (log p_t,j - log m_j - K_t),   K_t = (d - (1 - beta) K_s) / beta
-//   log m_j = logaddexp(log(1 - beta) + log p_s,j, log(beta) + log p_t,j), finite whenever either p > 0.
-//
-// The output is  grad_z = coef / tau * dd/da  with the per-row coef (c_t * upstream / denominator).
-// Every term p * (...) with p == 0 is 0: an entry at -inf (p == 0, log p == -inf) contributes nothing
-// instead of 0 * inf = NaN. Rows with coef == 0 are written as exact zeros without reading the logits.
-// Columns >= V (vocabulary padding) get gradient 0.
-// ---------------------------------------------------------------------------------------------------
+// Why (z - max z) / tau - logsum and not z / tau - lse: z - max z is exact near the maximum (where p is
+// not negligible), so log p keeps float32 accuracy whatever the common offset of the logits (z ~ 1e4).
 #pragma once
 
 #include <cstdint>
@@ -49,12 +27,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "row_backward.h"   // the Divergence, Stat and DType codes
+
 #define TOPD_HD __host__ __device__ __forceinline__
 
 namespace topd {
-
-enum Divergence : int { kReverseKL = 0, kForwardKL = 1, kJSD = 2 };
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // Elements handled per vector step: 16 bytes of a 2-byte type, 32 bytes (two 16-byte accesses) of fp32.
 constexpr int kVec = 8;
@@ -149,11 +126,12 @@ TOPD_HD void store_vec(T* __restrict__ p, const float (&in)[kVec]) {
 
 // ---- per-row constants ------------------------------------------------------------------------------
 struct RowConsts {
-    float lse_s, lse_t;   // logsumexp(z / tau) of student, teacher
-    float d;              // the row's divergence
-    float k_s, k_t;       // jsd: KL(p_s || m), KL(p_t || m)
+    float max_s, logsum_s;   // student: log p_s = (z_s - max_s) * inv_tau - logsum_s
+    float max_t, logsum_t;   // teacher, likewise
+    float d;                 // the row's divergence
+    float k_s, k_t;          // jsd: KL(p_s || m), KL(p_t || m)
     float inv_tau;
-    float scale;          // coef / tau
+    float scale;             // coef / tau
 };
 
 // Divergence-wide constants (one set per call).
@@ -168,24 +146,33 @@ TOPD_HD float logaddexp(float a, float b) {
     return m + log1pf(expf(-fabsf(a - b)));
 }
 
-TOPD_HD RowConsts make_row_consts(float lse_s, float lse_t, float d, float aux, float coef, float inv_tau,
-                                  const DivConsts& dc) {
+// The constants of row `row` from the statistics: element [k, row] at stats[k * s0 + row * s1].
+TOPD_HD RowConsts make_row_consts(const float* __restrict__ stats, int64_t s0, int64_t s1, int64_t row,
+                                  float coef, float inv_tau) {
+    const float* st = stats + row * s1;
     RowConsts r;
-    r.lse_s = lse_s;
-    r.lse_t = lse_t;
-    r.d = d;
-    r.k_s = aux;
-    r.k_t = (d - dc.one_minus_beta * aux) / dc.beta;   // only used by jsd (beta in (0, 1) there)
+    r.max_s = st[kMaxS * s0];
+    r.logsum_s = st[kLogsumS * s0];
+    r.max_t = st[kMaxT * s0];
+    r.logsum_t = st[kLogsumT * s0];
+    r.d = st[kKL * s0];
+    r.k_s = st[kMixS * s0];
+    r.k_t = st[kMixT * s0];
     r.inv_tau = inv_tau;
     r.scale = coef * inv_tau;
     return r;
 }
 
+// log p of one logit: (z - max) * inv_tau - logsum (z - max is exact where p matters).
+TOPD_HD float log_prob(float z, float max_z, float logsum, float inv_tau) {
+    return (z - max_z) * inv_tau - logsum;
+}
+
 // The gradients dd/dz (times coef) of one element, from its two logits. `gs`, `gt` receive the results.
 template <int DIV>
 TOPD_HD void grad_element(float zs, float zt, const RowConsts& r, const DivConsts& dc, float& gs, float& gt) {
-    const float lps = zs * r.inv_tau - r.lse_s;   // log p_s
-    const float lpt = zt * r.inv_tau - r.lse_t;   // log p_t
+    const float lps = log_prob(zs, r.max_s, r.logsum_s, r.inv_tau);
+    const float lpt = log_prob(zt, r.max_t, r.logsum_t, r.inv_tau);
     const float ps = expf(lps);
     const float pt = expf(lpt);
     float das, dat;
@@ -205,21 +192,21 @@ TOPD_HD void grad_element(float zs, float zt, const RowConsts& r, const DivConst
 }
 
 // ---- one row, one column chunk ----------------------------------------------------------------------
-// All pointers are typed, element strides in elements, int64 indexing throughout.
+// All pointers are typed, strides in elements, int64 indexing throughout.
 struct RowArgs {
     const void* student;
     const void* teacher;
-    const float* stats;      // (4, N): element [k, i] at stats[k * stats_s0 + i * stats_s1]
+    const float* stats;      // (NUM_STATS, N): element [k, i] at stats[k * stats_s0 + i * stats_s1]
     const float* coef;       // (N,): coef[i * coef_s0]
-    void* grad_student;
-    void* grad_teacher;      // nullptr: teacher gradient not wanted
-    int64_t n_rows, vocab_size, s_width, t_width;
-    int64_t s_stride, t_stride, gs_stride, gt_stride;   // row strides, in elements
+    void* grad_student;      // contiguous (N, s_width)
+    void* grad_teacher;      // contiguous (N, t_width); nullptr: teacher gradient not wanted
+    int64_t n_rows, length, vocab_size, s_width, t_width;
+    int64_t s_stride_b, s_stride_t, t_stride_b, t_stride_t;   // row i = (i / length, i % length)
     int64_t stats_s0, stats_s1, coef_s0;
     int64_t chunk_cols;      // columns per (row, chunk) work item; a multiple of kVec
     float inv_tau;
     DivConsts dc;
-    bool vec_ok;             // every row start 16-byte aligned (pointers and row strides)
+    bool vec_ok;             // every row start 16-byte aligned (inputs and outputs)
 };
 
 template <typename T>
@@ -241,8 +228,8 @@ TOPD_HD void zero_fill(T* __restrict__ row, int64_t c0, int64_t c1, bool vec_ok,
 // thread `tid` of `nthr` cooperating threads (a CUDA block, or one host loop).
 template <typename TS, typename TT, int DIV>
 TOPD_HD void backward_row_chunk(const RowArgs& a, int64_t row, int64_t c0, int64_t c1, int tid, int nthr) {
-    TS* __restrict__ gs = static_cast<TS*>(a.grad_student) + row * a.gs_stride;
-    TT* __restrict__ gt = a.grad_teacher ? static_cast<TT*>(a.grad_teacher) + row * a.gt_stride : nullptr;
+    TS* __restrict__ gs = static_cast<TS*>(a.grad_student) + row * a.s_width;
+    TT* __restrict__ gt = a.grad_teacher ? static_cast<TT*>(a.grad_teacher) + row * a.t_width : nullptr;
     const int64_t s_end = c1 < a.s_width ? c1 : a.s_width;
     const int64_t t_end = c1 < a.t_width ? c1 : a.t_width;
     const float coef = a.coef[row * a.coef_s0];
@@ -253,11 +240,10 @@ TOPD_HD void backward_row_chunk(const RowArgs& a, int64_t row, int64_t c0, int64
         return;
     }
 
-    const float* st = a.stats + row * a.stats_s1;
-    const RowConsts r = make_row_consts(st[0], st[a.stats_s0], st[2 * a.stats_s0], st[3 * a.stats_s0], coef,
-                                        a.inv_tau, a.dc);
-    const TS* __restrict__ zs = static_cast<const TS*>(a.student) + row * a.s_stride;
-    const TT* __restrict__ zt = static_cast<const TT*>(a.teacher) + row * a.t_stride;
+    const RowConsts r = make_row_consts(a.stats, a.stats_s0, a.stats_s1, row, coef, a.inv_tau);
+    const int64_t b = row / a.length, t = row % a.length;
+    const TS* __restrict__ zs = static_cast<const TS*>(a.student) + b * a.s_stride_b + t * a.s_stride_t;
+    const TT* __restrict__ zt = static_cast<const TT*>(a.teacher) + b * a.t_stride_b + t * a.t_stride_t;
     const int64_t v_end = c1 < a.vocab_size ? c1 : a.vocab_size;
 
     int64_t col = c0;

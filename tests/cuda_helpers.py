@@ -1,6 +1,8 @@
-"""Shared by the CUDA-extension tests (host build and GPU): whether the extension can have been built, and
-inputs / outputs with chosen memory layouts. The random logits, the float64 truth and the float32 +
-output-rounding tolerance are those of all the row tests: row_cases.py."""
+"""Shared by the CUDA-extension tests (host build, generated code, GPU): whether the extension can have been
+built, row tensors with chosen memory layouts, and the run-and-check of one backward call. The random
+logits, the float64 truth and the float32 + output-rounding tolerance are those of all the row tests:
+row_cases.py; the saved statistics come from the torch backend's forward (`torch_rows.row_forward`, the
+contract's statistics in float32, as in the real pipeline)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +10,12 @@ import shutil
 
 import torch
 
-from row_cases import NAN
+from row_cases import NAN, assert_close, row_atol, truth
+from topd_kernels.config import DIVERGENCE_CODES
+from topd_kernels.rows import cuda_rows, torch_rows
+from topd_kernels.rows.contract import make_row_call
+
+DIVERGENCES = tuple(DIVERGENCE_CODES)
 
 
 def nvcc_path() -> str | None:
@@ -30,21 +37,117 @@ def extension_skip_reason() -> str | None:
     return None
 
 
-def laid_out(values, dtype, *, offset=0, row_stride=None):
-    """`values` (n, width) cast to `dtype`, as a view with the given element offset and row stride into a
-    NaN-filled buffer."""
-    out = _strided(values.shape, dtype, values.device, offset, row_stride)
-    out.copy_(values.to(dtype))
+# ---------------------------------------------------------------------------------------------------
+# Row tensors
+# ---------------------------------------------------------------------------------------------------
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.float16),
+    (torch.float16, torch.bfloat16),
+]
+
+# name: (B, T, student width, teacher width, vocab_size, student layout, teacher layout, temperature,
+#        work split). A layout: laid_out's offset / stride_b / stride_t in elements ({}: contiguous).
+# Offsets and strides that are multiples of 8 elements keep every row 16-byte aligned for every dtype.
+LAYOUTS = {
+    # 16-byte aligned rows: vector path, a scalar tail (997 = 124 * 8 + 5), then padding zeros
+    "aligned": (2, 4, 1024, 1040, 997, {}, {}, 1.0, {}),
+    # odd widths, contiguous: every row misaligned -> scalar path; widths differ, V < both
+    "unaligned": (2, 4, 1003, 1001, 999, {}, {}, 0.7, {}),
+    # views with gaps on both row dims, aligned -> vector path
+    "strided_aligned": (2, 4, 1040, 1024, 1000, dict(offset=8, stride_b=4416, stride_t=1088),
+                        dict(offset=16, stride_b=5000, stride_t=1104), 2.0, {}),
+    # views with a misaligned base -> scalar path
+    "strided_unaligned": (2, 4, 1010, 1030, 1010, dict(offset=3, stride_b=4500, stride_t=1100),
+                          dict(offset=5, stride_b=4200, stride_t=1031), 1.0, {}),
+    # aligned base and time stride, odd batch stride: rows of b >= 1 misaligned -> scalar path (the host
+    # build throws on a misaligned 16-byte access, so a wrong alignment check fails here)
+    "batch_stride_unaligned": (2, 4, 1024, 1024, 1000, dict(stride_b=4 * 1032 + 3, stride_t=1032), {}, 1.0, {}),
+    # aligned base and batch stride, odd time stride -> scalar path
+    "time_stride_unaligned": (2, 4, 1024, 1024, 1000, {}, dict(stride_b=4200, stride_t=1027), 1.0, {}),
+    # logits[:, :-1] read in place: batch stride (T + 1) * width
+    "sliced": (2, 4, 1024, 1040, 997, dict(stride_b=5 * 1024), dict(stride_b=5 * 1040), 1.0, {}),
+    # one teacher sequence broadcast over the batch (batch stride 0)
+    "broadcast_teacher": (2, 4, 1024, 1024, 1024, {}, dict(stride_b=0), 1.0, {}),
+    # T = 1: the time stride never steps, odd values must not force the scalar path (nor matter)
+    "single_position": (8, 1, 1024, 1040, 1000, dict(stride_b=1032, stride_t=3), dict(stride_b=1048, stride_t=5),
+                        1.0, {}),
+    # the packed layout (1, N, V), teacher with row gaps
+    "packed": (1, 8, 1000, 1032, 999, {}, dict(offset=8, stride_t=1040), 1.0, {}),
+    # the kernel's work split: rows cut in 64-column chunks, 3 cooperating "threads" per chunk
+    "chunked": (2, 4, 1024, 1056, 1001, {}, dict(offset=8, stride_b=4 * 1064 + 8, stride_t=1064), 1.5,
+                dict(chunk_cols=64, emulated_threads=3)),
+}
+
+
+def laid_out(values, dtype, *, batch=None, offset=0, stride_b=None, stride_t=None):
+    """`values` (B, T, V), or (N, V) cut into `batch` rows of N // batch, cast to `dtype`, as a (B, T, V)
+    view with the given element offset and dim-0 / dim-1 strides (default: contiguous) into a NaN-filled
+    buffer (the gaps between rows hold NaN, which no kernel may read)."""
+    if values.dim() == 2:
+        batch = batch or 1
+        values = values.reshape(batch, values.shape[0] // batch, values.shape[1])
+    b, t, width = values.shape
+    stride_t = width if stride_t is None else stride_t
+    stride_b = t * stride_t if stride_b is None else stride_b
+    extent = offset + (b - 1) * stride_b + (t - 1) * stride_t + width if b * t else offset
+    buf = torch.full((extent,), NAN, dtype=dtype, device=values.device)
+    out = buf.as_strided((b, t, width), (stride_b, stride_t, 1), offset)
+    if stride_b == 0:   # a broadcast batch dim: every batch entry reads the rows of the first
+        out[:1].copy_(values[:1].to(dtype))
+    else:
+        out.copy_(values.to(dtype))
     return out
 
 
-def like(x, *, offset=0, row_stride=None):
-    """A NaN-filled output with x's shape and dtype, with its own offset and row stride."""
-    return _strided(x.shape, x.dtype, x.device, offset, row_stride)
+def flat(x):
+    """(B, T, V) -> (N, V) (a copy when the view cannot be flattened): the rows that truth() reads."""
+    return x.reshape(-1, x.shape[-1])
 
 
-def _strided(shape, dtype, device, offset, row_stride):
-    n, width = shape
-    row_stride = row_stride or width
-    buf = torch.full((offset + n * row_stride + width,), NAN, dtype=dtype, device=device)
-    return buf.as_strided((n, width), (row_stride, 1), offset)
+def at_row(x, i):
+    """Row i = (i // T, i % T) of a (B, T, V) tensor, as a view."""
+    return x[i // x.shape[1], i % x.shape[1]]
+
+
+def make_call(student, teacher, vocab_size, temperature, divergence, beta=0.5):
+    """The contract's RowCall, divergence by name."""
+    return make_row_call(student, teacher, vocab_size, temperature, DIVERGENCE_CODES[divergence], beta)
+
+
+def row_stats(student, teacher, coef, call):
+    """The contract's statistics (float32, torch backend forward) with mask = coef != 0."""
+    return torch_rows.row_forward(student, teacher, coef != 0, call)
+
+
+def nan_aware_equal(a, b):
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def run_and_check(student, teacher, coef, V, tau, divergence, beta, want_teacher, *, stats=None, **work_split):
+    """One backward call (host build on CPU tensors, the kernel on CUDA tensors) against the float64
+    truth; inputs untouched, masked rows and padding exact zeros. Returns (grad_student, grad_teacher)."""
+    call = make_call(student, teacher, V, tau, divergence, beta)
+    stats = row_stats(student, teacher, coef, call) if stats is None else stats
+    before = [x.clone() for x in (student, teacher, stats, coef)]
+    gs, gt = cuda_rows.run_backward(student, teacher, stats, coef, call, want_teacher, **work_split)
+    for x, old in zip((student, teacher, stats, coef), before):
+        assert nan_aware_equal(x, old), "an input was modified"
+    assert gs.shape == student.shape and gs.dtype == student.dtype and gs.is_contiguous()
+    if want_teacher:
+        assert gt.shape == teacher.shape and gt.dtype == teacher.dtype and gt.is_contiguous()
+    else:
+        assert gt.shape == (0,) and gt.dtype == teacher.dtype
+    fs, ft = flat(student), flat(teacher)
+    _, want_s, want_t = truth(fs, ft, coef, V, tau, divergence, beta, want_teacher=want_teacher)
+    atol = row_atol(fs, ft, coef, stats, V, tau)
+    masked = coef == 0
+    assert_close(flat(gs), want_s, "grad_student", atol)
+    assert (flat(gs)[masked] == 0).all() and (gs[..., V:] == 0).all()
+    if want_teacher:
+        assert_close(flat(gt), want_t, "grad_teacher", atol)
+        assert (flat(gt)[masked] == 0).all() and (gt[..., V:] == 0).all()
+    return gs, gt

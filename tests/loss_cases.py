@@ -25,8 +25,10 @@ ULP = {torch.float32: 2.0 ** -20, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 
 
 
 def make_problem(layout="batched", B=3, T=21, V=1271, dtype=torch.float32, teacher_dtype=None, pad=(0, 0),
-                 masked_sequence=True, mask_rate=0.15, neg_inf=False, scale=3.0, lengths=(7, 0, 1, 19, 12)):
-    """Fresh random inputs. pad: extra (student, teacher) vocabulary columns beyond V (garbage)."""
+                 masked_sequence=True, mask_rate=0.15, neg_inf=False, scale=3.0, lengths=(7, 0, 1, 19, 12),
+                 offset=0.0):
+    """Fresh random inputs. pad: extra (student, teacher) vocabulary columns beyond V (garbage);
+    offset: added to every logit of both models (a large common offset, e.g. 1e4, tests precision)."""
     teacher_dtype = teacher_dtype or dtype
     if layout == "batched":
         shape = (B, T)
@@ -37,6 +39,8 @@ def make_problem(layout="batched", B=3, T=21, V=1271, dtype=torch.float32, teach
     student = torch.randn(*shape, V + pad[0]) * scale
     teacher = torch.randn(*shape, V + pad[1]) * scale
     teacher[..., :V] = 0.6 * teacher[..., :V] + 0.8 * student[..., :V]  # correlated, like a real teacher
+    student[..., :V] += offset
+    teacher[..., :V] += offset
     student[..., V:] = 1e4
     teacher[..., V:] = -1e4
     mask = torch.rand(shape) > mask_rate

@@ -1,16 +1,20 @@
 """Shared by the row-level tests (the Triton row kernels: test_triton_rows.py; the CUDA extension's backward:
 test_cuda_host.py, test_gpu_cuda.py): random logits, the float64 truth of the row contract
-(topd_kernels/backends.py), and the float32 error allowance for the row gradients.
+(topd_kernels/rows/contract.py), and the float32 error allowance for the row gradients.
 
-Truth: d from the shared reference (`reference.token_divergence`), its gradient by autograd; lse by
-logsumexp, aux = KL(p_s || mix) (jsd), in the same precision.
+Truth: d from the shared reference (`reference.token_divergence`), its gradient by autograd; the statistics
+of contract.Stat in the same precision: MAX = max z (raw logits), LOGSUM = logsumexp((z - max z) / tau),
+KL = d, MIX_S = KL(p_s || mix), MIX_T = KL(p_t || mix) (jsd; 0 otherwise).
 
 Error model of a float32 row backward. Every gradient entry is g = coef / tau * p * F with p <= 1 and F a
-difference of log-probabilities and d (backends.py). log p = z / tau - lse is formed in float32 from the
-float32 statistics of the contract, so it carries an absolute error of a few float32 ulps of the size of
-the log-domain numbers of the row (|z / tau|, |lse|, |d|); cancellation in F makes this absolute error, not
-a relative one, the right measure. Hence, per row,
-    |error| <= ulp(out) * |g|  +  F32_LOG_ULPS * |coef| / tau * max(1, |z_s / tau|, |z_t / tau|, |lse|, |d|)
+difference of log-probabilities and d (contract.py). log p = (z - max z) / tau - logsum is formed in float32
+from the float32 statistics of the contract, so it carries an absolute error of a few float32 ulps of the
+size of the log-domain numbers of the row; cancellation in F makes this absolute error, not a relative one,
+the right measure. That size is bounded by the row's log scale, the smaller of
+    max(|z - max z| / tau, logsum)   (what the contract's formula forms), and
+    max(|z / tau|, |max z / tau + logsum|)   (|log p| <= |z / tau| + |lse| bounds it as well),
+and |d|, |MIX_*|, 1. Hence, per row,
+    |error| <= ulp(out) * |g|  +  F32_LOG_ULPS * |coef| / tau * (that size)
 (one rounding of the output dtype, plus the log-domain float32 error; `row_atol`, `assert_close`), and,
 where g != 0, never below the output dtype's subnormal spacing ulp(out) * finfo(out).tiny (float16: 2**-24).
 `stats_rounding_allowance` is the first-order, entry by entry, form of the same model.
@@ -23,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from topd_kernels.reference import token_divergence
+from topd_kernels.rows.contract import NUM_STATS, Stat
 
 NAN = float("nan")
 INF = float("inf")
@@ -34,20 +39,23 @@ F32_LOG_ULPS = 16 * ULP[torch.float32]
 
 
 def rand_logits(n, v, *, pad=(0, 0), scale=3.0, correlation=0.8, garbage=(1e4, NAN), dtype=torch.float32,
-                device="cpu", draw=torch.float64):
+                device="cpu", draw=torch.float64, offset=0.0):
     """Student / teacher logits (n, v + pad[0]), (n, v + pad[1]), drawn at `draw` precision on `device` and
     cast once to `dtype`. The teacher is correlated with the student (`correlation` 0.8: like a real
-    teacher; 0: independent); the padding columns (past v) hold `garbage`, which no kernel may read."""
+    teacher; 0: independent); `offset` is added to every logit of both (a large common offset such as 1e4
+    must not cost accuracy); the padding columns (past v) hold `garbage`, which no kernel may read."""
     student = torch.randn(n, v + pad[0], dtype=draw, device=device) * scale
     teacher = torch.randn(n, v + pad[1], dtype=draw, device=device) * scale
     teacher[:, :v] = math.sqrt(1.0 - correlation ** 2) * teacher[:, :v] + correlation * student[:, :v]
+    student[:, :v] += offset
+    teacher[:, :v] += offset
     student[:, v:] = garbage[0]
     teacher[:, v:] = garbage[1]
     return student.to(dtype), teacher.to(dtype)
 
 
 class RowTruth(NamedTuple):
-    stats: torch.Tensor                 # (4, N): lse_s, lse_t, d, aux; NaN on rows with coef == 0
+    stats: torch.Tensor                 # (NUM_STATS, N), rows contract.Stat; 0 on rows with coef == 0
     grad_student: torch.Tensor          # student's shape: coef * dd/dz_s, 0 past V and on rows with coef == 0
     grad_teacher: torch.Tensor | None   # the same for the teacher; None when not wanted
 
@@ -55,13 +63,17 @@ class RowTruth(NamedTuple):
 def truth(student, teacher, coef, V, tau, divergence, beta, *, want_teacher=True, dtype=torch.float64):
     """The row contract computed plainly at `dtype`: stats and the gradient of sum_t coef_t d_t.
 
-    Rows with coef == 0 are not read (their logits may be non-finite): zero gradient, NaN stats.
+    student, teacher: (N, V*) or (B, T, V*) (row i = (b, t) = divmod(i, T)); coef (N,); divergence by name.
+    Rows with coef == 0 are not read (their logits may be non-finite): zero gradient, and all-zero stats
+    (what the forward gives with mask = coef != 0).
     dtype=None: each input at its own dtype, as plain PyTorch would (the low-precision yardstick)."""
+    shape_s, shape_t = student.shape, teacher.shape
+    student, teacher = student.reshape(-1, shape_s[-1]), teacher.reshape(-1, shape_t[-1])
     n = student.shape[0]
     live = (coef != 0).nonzero().flatten()
     grad_s = torch.zeros(student.shape, dtype=dtype or student.dtype, device=student.device)
     grad_t = torch.zeros(teacher.shape, dtype=dtype or teacher.dtype, device=teacher.device)
-    stats = torch.full((4, n), NAN, dtype=dtype or torch.float32, device=student.device)
+    stats = torch.zeros((NUM_STATS, n), dtype=dtype or torch.float32, device=student.device)
     if live.numel():
         a_s = student[live, :V].detach().to(dtype or student.dtype).requires_grad_(True)
         a_t = teacher[live, :V].detach().to(dtype or teacher.dtype).requires_grad_(want_teacher)
@@ -71,31 +83,54 @@ def truth(student, teacher, coef, V, tau, divergence, beta, *, want_teacher=True
         if want_teacher:
             grad_t[live, :V] = grads[1]
         with torch.no_grad():
-            lse_s = torch.logsumexp(a_s / tau, -1)
-            lse_t = torch.logsumexp(a_t / tau, -1)
-            aux = torch.zeros_like(d)
+            max_s, max_t = a_s.amax(-1), a_t.amax(-1)
+            logsum_s = torch.logsumexp((a_s - max_s[:, None]) / tau, -1)
+            logsum_t = torch.logsumexp((a_t - max_t[:, None]) / tau, -1)
+            mix_s, mix_t = torch.zeros_like(d), torch.zeros_like(d)
             if divergence == "jsd":
-                log_ps, log_pt = a_s / tau - lse_s[:, None], a_t / tau - lse_t[:, None]
+                log_ps = (a_s - max_s[:, None]) / tau - logsum_s[:, None]
+                log_pt = (a_t - max_t[:, None]) / tau - logsum_t[:, None]
                 log_mix = torch.logaddexp(log_ps + math.log1p(-beta), log_pt + math.log(beta))
-                ps = log_ps.exp()
-                aux = torch.where(ps > 0, ps * (log_ps - log_mix), torch.zeros_like(ps)).sum(-1)
+                ps, pt = log_ps.exp(), log_pt.exp()
+                mix_s = torch.where(ps > 0, ps * (log_ps - log_mix), torch.zeros_like(ps)).sum(-1)
+                mix_t = torch.where(pt > 0, pt * (log_pt - log_mix), torch.zeros_like(pt)).sum(-1)
             stats = stats.to(d.dtype)
-            stats[:, live] = torch.stack([lse_s, lse_t, d, aux]).to(d.dtype)
-    return RowTruth(stats, grad_s, grad_t if want_teacher else None)
+            values = {Stat.MAX_S: max_s, Stat.LOGSUM_S: logsum_s, Stat.MAX_T: max_t, Stat.LOGSUM_T: logsum_t,
+                      Stat.KL: d, Stat.MIX_S: mix_s, Stat.MIX_T: mix_t}
+            for k, value in values.items():
+                stats[k, live] = value.to(d.dtype)
+    return RowTruth(stats, grad_s.reshape(shape_s), grad_t.reshape(shape_t) if want_teacher else None)
 
 
 def row_atol(student, teacher, coef, stats, V, tau):
     """(N, 1) float64: the log-domain float32 error allowance of each row (module docstring), from the
-    float32 statistics `stats` that the backward was handed."""
-    def finite_absmax(x):   # in x's own dtype (exact for a max): no float64 copy of big inputs
-        if V == 0:
-            return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    float32 statistics `stats` (contract.Stat rows) that the backward was handed. student, teacher: (N, V*)."""
+    def finite(x):   # the first V columns; non-finite entries (p = 0, or rows not read) left out
         x = x[:, :V]
-        return torch.where(torch.isfinite(x), x.abs(), 0).amax(dim=1).double() / tau
+        return x, torch.isfinite(x)
+
+    def extremes(x):  # (max |z|, min z) over the finite entries, in x's own dtype (exact): no float64 copy
+        x, fin = finite(x)
+        if V == 0:
+            zero = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            return zero, zero, torch.zeros_like(zero, dtype=torch.bool)
+        absmax = torch.where(fin, x.abs(), 0).amax(dim=1).double()
+        low = torch.where(fin, x, torch.finfo(x.dtype).max).amin(dim=1).double()
+        return absmax, low, fin.any(dim=1)
+
+    st = stats.double().nan_to_num(0.0)
     ones = torch.ones(student.shape[0], dtype=torch.float64, device=student.device)
-    mag = torch.stack([finite_absmax(student), finite_absmax(teacher),
-                       *stats[:3].double().nan_to_num(0.0).abs(), ones]).amax(dim=0)
-    return (F32_LOG_ULPS * coef.double().abs() / tau * mag)[:, None]
+    scales_new, scales_old = [], []
+    for x, k_max, k_logsum in ((student, Stat.MAX_S, Stat.LOGSUM_S), (teacher, Stat.MAX_T, Stat.LOGSUM_T)):
+        absmax, low, any_finite = extremes(x)
+        spread = torch.where(any_finite, st[k_max] - low, 0.0).abs()  # max |z - max z|
+        scales_new += [spread / tau, st[k_logsum].abs()]
+        scales_old += [absmax / tau, (st[k_max] / tau + st[k_logsum]).abs()]
+    log_scale = torch.minimum(torch.stack(scales_new).amax(dim=0), torch.stack(scales_old).amax(dim=0))
+    mag = torch.stack([log_scale, st[Stat.KL].abs(), st[Stat.MIX_S].abs(), st[Stat.MIX_T].abs(), ones]).amax(dim=0)
+    mag = mag.nan_to_num(0.0, posinf=torch.finfo(torch.float64).max)
+    atol = F32_LOG_ULPS * coef.double().abs() / tau * mag
+    return torch.where(coef != 0, atol, 0.0)[:, None]
 
 
 def assert_close(got, want, name, atol_row):
@@ -121,22 +156,27 @@ def assert_close(got, want, name, atol_row):
         )
 
 
-def stats_rounding_allowance(z_s, z_t, true_stats, coef, tau, beta, true_g):
-    """First-order gradient error, entry by entry, from evaluating log p = z / tau - lse in float32 with the
-    float32 statistics of the row contract: log p carries a rounding of about eps * (|a| + |lse| + |log p|),
-    so each entry g = coef / tau * p * F (F = log p_s - log p_t - d or alike) errs by up to
-        coef / tau * (p_s + p_t) * dF  +  |g| * d(log p),    dF = d(log p_s) + d(log p_t) + eps * |stats|.
-    z_s, z_t: the first V columns, float64; (N, V) out."""
+def stats_rounding_allowance(z_s, z_t, true_stats, coef, tau, beta, true_g, weight=1.0):
+    """First-order gradient error, entry by entry, from evaluating log p = (z - max z) / tau - logsum in
+    float32 with the float32 statistics of the row contract: log p carries a rounding of about
+    eps * (|z - max z| / tau + logsum + |log p|), so each entry g = weight * coef / tau * p * F
+    (F = log p_s - log p_t - d or alike; weight 1, or jsd's 1 - beta (student) / beta (teacher)) errs by up to
+        weight * coef / tau * (p_s + p_t) * dF  +  |g| * d(log p),
+        dF = d(log p_s) + d(log p_t) + eps * |d, K_s, K_t|.
+    (JSD's K_t is a statistic of its own: no 1 / beta.) z_s, z_t: the first V columns, float64, (N, V);
+    true_stats (NUM_STATS, N); beta is unused, kept for the callers; (N, V) out, 0 on rows with coef == 0."""
     eps = 2.0 ** -24
-    lse_s, lse_t, d, aux = (x[:, None] for x in true_stats)
+    st = {k: true_stats[k][:, None] for k in Stat}
 
     def finite_abs(x):  # entries at -inf have p = 0: nothing to allow there
         return torch.nan_to_num(x.abs(), posinf=0.0)
 
-    a_s, a_t = z_s / tau, z_t / tau
-    log_ps, log_pt = a_s - lse_s, a_t - lse_t
-    d_log_ps = eps * (finite_abs(a_s) + lse_s.abs() + finite_abs(log_ps))
-    d_log_pt = eps * (finite_abs(a_t) + lse_t.abs() + finite_abs(log_pt))
-    d_F = d_log_ps + d_log_pt + eps * (d.abs() + aux.abs()) / beta
+    shift_s, shift_t = (z_s - st[Stat.MAX_S]) / tau, (z_t - st[Stat.MAX_T]) / tau
+    log_ps, log_pt = shift_s - st[Stat.LOGSUM_S], shift_t - st[Stat.LOGSUM_T]
+    d_log_ps = eps * (finite_abs(shift_s) + st[Stat.LOGSUM_S].abs() + finite_abs(log_ps))
+    d_log_pt = eps * (finite_abs(shift_t) + st[Stat.LOGSUM_T].abs() + finite_abs(log_pt))
+    d_F = d_log_ps + d_log_pt + eps * (st[Stat.KL].abs() + st[Stat.MIX_S].abs() + st[Stat.MIX_T].abs())
     p_sum = log_ps.exp() + log_pt.exp()
-    return coef.double().abs()[:, None] / tau * p_sum * d_F + true_g.abs() * torch.maximum(d_log_ps, d_log_pt)
+    allowance = (weight * coef.double().abs()[:, None] / tau * p_sum * d_F
+                 + true_g.abs() * torch.maximum(d_log_ps, d_log_pt))
+    return torch.where((coef != 0)[:, None], allowance, 0.0)  # rows with coef == 0 are not read (may be NaN)

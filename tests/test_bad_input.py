@@ -73,15 +73,21 @@ def test_mismatched_devices():
         fused_window_kl(S, meta)
 
 
-def test_triton_backend_on_plain_cpu_is_an_error(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+@pytest.mark.parametrize("backend", ["triton", "triton+cuda"])
+def test_kernel_backends_on_plain_cpu_are_an_error(monkeypatch, backend):
+    """Without the interpreter, the kernel backends cannot take CPU tensors: an error, never a fallback."""
+    from topd_kernels.rows import triton_rows
+
+    monkeypatch.setattr(triton_rows, "INTERPRETED", False)
     with pytest.raises(ValueError, match="backend"):
-        fused_window_kl(S, T, backend="triton")
+        fused_window_kl(S, T, backend=backend)
 
 
-def test_cuda_backward_on_cpu_is_an_error():
-    with pytest.raises(ValueError, match="backend"):
-        fused_window_kl(S, T, backend="triton+cuda")
+def test_unknown_keyword_is_an_error():
+    with pytest.raises(TypeError, match="loss_q"):
+        fused_window_kl(S, T, loss_q=0.5)
+    with pytest.raises(TypeError, match="loss_q"):
+        topd_kernels.WindowKLLoss(loss_q=0.5)
 
 
 def test_module_validates_at_construction():

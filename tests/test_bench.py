@@ -1,9 +1,11 @@
 """Benchmark harness checks (CPU, fast). Speed is measured by the benchmarks, never asserted here.
 
 - a pytest-benchmark suite over a few small CPU shapes (torch backend and plain eager), no assertions on time;
-- the harness of benchmarks/bench_kl.py on its smallest configuration: the JSON has the expected keys and
-  finite numbers, unusable methods are listed with a reason, and every method computes the same loss;
-- the memory trackers of benchmarks/memtrack.py measure known allocations correctly.
+- benchmarks/bench_kl.py on its smallest configuration: the JSON has the expected keys and finite numbers,
+  unusable methods are listed with a reason, every method computes the same loss, and what runs is what
+  topd_kernels.rows.registry says can run;
+- the memory trackers of benchmarks/harness/memtrack.py measure known allocations correctly;
+- memory_cpu.py, profile_rows.py and profile_cuda_backward.py: their CPU-testable parts.
 """
 import json
 import math
@@ -17,8 +19,13 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
 
 import bench_kl  # noqa: E402
-import memtrack  # noqa: E402
+import memory_cpu  # noqa: E402
+import profile_cuda_backward  # noqa: E402
+import profile_rows  # noqa: E402
 import topd_kernels  # noqa: E402
+from harness import baselines, configs, header, memtrack, profiling, timing  # noqa: E402
+from topd_kernels import reference  # noqa: E402
+from topd_kernels.rows import registry, torch_rows  # noqa: E402
 
 MB4 = 1 << 22  # 4 MiB
 
@@ -27,22 +34,19 @@ MB4 = 1 << 22  # 4 MiB
 # pytest-benchmark: fwd+bwd on small CPU shapes (recorded, not asserted)
 # ---------------------------------------------------------------------------------------------------
 SHAPES = [(64, 4096, torch.float32), (64, 4096, torch.bfloat16)]
-CFGS = bench_kl.make_configs(bench_kl.parse_args([]))
+CFGS = configs.loss_configs()
+CPU = torch.device("cpu")
 
 
 def _method(name, cfg_name):
-    cfg = CFGS[cfg_name]
-    if name == "topd[torch]":
-        kw = bench_kl.topd_kwargs(cfg)
-        return lambda s, t: topd_kernels.fused_window_kl(s, t, backend="torch", **kw)
-    return lambda s, t: bench_kl.eager_window_kl(s, t, **cfg)
+    return bench_kl.build_method(name, CFGS[cfg_name], compile_dynamic=None)
 
 
 @pytest.mark.parametrize("cfg_name", ["topd", "opd"])
 @pytest.mark.parametrize("method", ["topd[torch]", "eager"])
 @pytest.mark.parametrize("n,v,dtype", SHAPES, ids=lambda x: str(x).replace("torch.", ""))
 def test_bench_fwd_bwd(benchmark, n, v, dtype, method, cfg_name):
-    s, t = bench_kl.make_inputs(n, v, dtype, torch.device("cpu"), seed=0)
+    s, t = configs.make_inputs(n, v, dtype, torch.device("cpu"), seed=0)
     s.requires_grad_(True)
     fn = _method(method, cfg_name)
 
@@ -73,8 +77,9 @@ def _numbers(obj, path=""):
 
 def test_bench_kl_harness_smallest(tmp_path):
     out = tmp_path / "bench.json"
-    # torch.compile is left out: compiling takes minutes on a 2-core CI machine (it runs in --quick)
-    methods = "topd[auto],topd[triton+cuda],topd[triton],topd[torch],eager,liger"
+    # torch.compile is left out: compiling takes minutes on a 2-core CI machine (it runs in --quick); so are
+    # topd[triton] and topd[triton+cuda], which run in the Triton interpreter here (see the next test)
+    methods = "topd[auto],topd[torch],eager,liger"
     result = bench_kl.main(["--quick", "--device", "cpu", "--N", "32,64", "--V", "1000", "--dtype", "fp32,bf16",
                             "--methods", methods, "--cpu-min-reps", "2", "--cpu-max-reps", "2",
                             "--copy-bytes", str(1 << 22), "--out", str(out), "--plot", str(tmp_path / "b.png")])
@@ -87,18 +92,22 @@ def test_bench_kl_harness_smallest(tmp_path):
         assert key in data["env"], key
     assert data["env"]["device_type"] == "cpu" and data["env"]["device_name"].startswith("CPU")
     assert set(data["configs"]) == {"topd", "opd"}
-    assert data["configs"]["topd"]["window"] == 8 and data["configs"]["topd"]["loss_q"] is not None
+    assert data["configs"]["topd"] == {"window": 8, "gamma": 0.9, "loss_threshold": {"quantile": 0.8},
+                                       "div_threshold": {"quantile": 0.5}, "suppress_weight": 0.0,
+                                       "guidance_weight": 0.5}
+    assert data["configs"]["opd"] == {"window": 1}
+    assert data["env"]["backends"] == registry.availability(CPU)
 
     rows = data["results"]
-    assert len(rows) == 2 * 2 * 2 * 6  # N x dtype x config x method: nothing dropped
+    assert len(rows) == 2 * 2 * 2 * 4  # N x dtype x config x method: nothing dropped
     by_status = {}
     for r in rows:
         by_status.setdefault(r["status"], []).append(r)
         for key in ("N", "V", "dtype", "config", "method", "status"):
             assert key in r
-    # on the CPU: triton, triton+cuda and liger are listed with a reason; auto is torch here
+    # on the CPU: liger is listed with a reason; auto is torch here
     for r in rows:
-        if r["method"] in ("topd[triton]", "topd[triton+cuda]", "liger"):
+        if r["method"] == "liger":
             assert r["status"] == "n/a" and r["reason"], r
         if r["method"] == "topd[auto]":
             assert r["status"] == "alias" and "torch" in r["reason"]
@@ -130,12 +139,62 @@ def test_bench_kl_harness_smallest(tmp_path):
 
 
 def test_eager_baseline_matches_topd_reference():
-    """The self-contained eager baseline computes the library's loss (float64 reference, window 8, TOPD)."""
-    s, t = bench_kl.make_inputs(48, 300, torch.float32, torch.device("cpu"), seed=1)
-    for cfg in CFGS.values():
-        eager = bench_kl.eager_window_kl(s.double(), t.double(), **cfg)
-        ours = topd_kernels.fused_window_kl(s, t, backend="torch", **bench_kl.topd_kwargs(cfg))
-        assert abs(float(eager) - float(ours)) <= 1e-5 * max(1.0, abs(float(eager)))
+    """The self-contained eager baseline computes the library's loss (the float64 reference) from the same
+    LossConfig keywords: each named configuration, and float thresholds."""
+    s, t = configs.make_inputs(48, 300, torch.float32, CPU, seed=1)
+    _, stats = reference.window_kl_reference(s, t, return_stats=True, **CFGS["topd"])
+    # float thresholds half-way between two values (48 of them: the interpolated median), away from ties
+    floats = dict(CFGS["topd"], loss_threshold=float(stats.kl.quantile(0.5)),
+                  div_threshold=float(stats.window_score.quantile(0.5)))
+    for cfg in (*CFGS.values(), floats):
+        eager = baselines.eager_window_kl(s.double(), t.double(), **cfg)
+        ours = reference.window_kl_reference(s.double(), t.double(), **cfg)
+        assert abs(float(eager) - float(ours)) <= 1e-5 * max(1.0, abs(float(ours))), cfg
+
+
+def test_topd_method_availability_is_the_registry_s():
+    """What bench_kl runs of topd_kernels is what topd_kernels.rows.registry says can run on the device."""
+    avail = bench_kl.method_availability(CPU)
+    backends = registry.availability(CPU)
+    assert set(bench_kl.TOPD_METHODS) == {m for m in avail if m.startswith("topd[")}
+    assert set(bench_kl.TOPD_METHODS) == {"topd[auto]"} | {f"topd[{name}]" for name in backends}
+    for name, why in backends.items():
+        assert avail[f"topd[{name}]"] == {"available": why is None, "reason": why or "ok",
+                                          "backend": None if why else name}
+    assert avail["topd[auto]"]["available"] and avail["topd[auto]"]["backend"] == registry.auto_backend(CPU)
+
+
+def test_sweep_runs_what_the_registry_allows(tmp_path, monkeypatch):
+    """Every topd method runs where the registry says it can (here the Triton ones run in the interpreter)
+    and computes eager's loss; one it says cannot run is listed with the registry's reason."""
+    real = registry.availability
+    monkeypatch.setattr(registry, "availability", lambda device: dict(real(device), triton="simulated: no GPU"))
+    out = tmp_path / "sweep.json"
+    bench_kl.main(["--device", "cpu", "--N", "8", "--V", "64", "--dtype", "fp32", "--configs", "opd",
+                   "--methods", ",".join(bench_kl.TOPD_METHODS + ("eager",)), "--cpu-min-reps", "1",
+                   "--cpu-max-reps", "1", "--copy-bytes", str(1 << 20), "--out", str(out)])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    expected = registry.availability(CPU)
+    assert expected["triton"] == "simulated: no GPU"
+    for name, why in expected.items():
+        row = rows[f"topd[{name}]"]
+        if why:
+            assert row["status"] == "n/a" and row["reason"] == why, row
+        else:
+            assert row["status"] == "ok" and row["backend"] == name, row
+            assert row["loss_abs_diff_vs_eager"] <= 1e-5, row
+    assert rows["topd[auto]"]["status"] == "alias" and registry.auto_backend(CPU) in rows["topd[auto]"]["reason"]
+
+
+def test_knob_flags_map_to_lossconfig_fields():
+    """bench_kl's short flags set the LossConfig field they name; a bad value gets LossConfig's message."""
+    args = bench_kl.parse_args(["--loss-q", "none", "--div-q", "0.3", "--window", "4", "--guidance-weight", "1"])
+    assert (args.loss_threshold, args.div_threshold, args.window, args.guidance_weight) == (
+        None, topd_kernels.Quantile(0.3), 4, 1.0)
+    with pytest.raises(SystemExit):
+        bench_kl.parse_args(["--div-q", "1.5"])
+    with pytest.raises(SystemExit, match="window: must be >= 1"):
+        bench_kl.main(["--device", "cpu", "--window", "0"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,26 +232,42 @@ def test_storage_tracker_counts_autograd_and_frees():
     assert x.grad is not None
 
 
+@torch.library.custom_op("topd_bench_test::scratch_sum", mutates_args=())
+def _scratch_sum(x: torch.Tensor) -> torch.Tensor:
+    """A custom op with a 4 MiB temporary inside (freed before it returns) and a small output."""
+    return torch.ones(1 << 20).add_(x.sum()).sum().reshape(1)
+
+
+@_scratch_sum.register_fake
+def _(x):
+    return x.new_empty(1)
+
+
+@pytest.mark.parametrize("tracker", ["dispatch", "profiler"])
+def test_tracker_sees_inside_custom_ops(tracker):
+    """The row backends are torch.library custom ops: the temporaries of their bodies count."""
+    x = torch.randn(16)
+    m = memtrack.measure_peak(lambda: _scratch_sum(x), CPU, tracker)
+    assert MB4 <= m["peak_bytes"] <= MB4 + 1024
+    assert m["live_bytes"] == 0
+
+
 def test_liger_method_computes_the_opd_loss():
     """bench_kl's Liger method (LigerJSD, beta=1, on fp32 log_softmax) is the opd loss of eager, value and
     gradient. On the CPU it runs through the Triton interpreter (conftest sets TRITON_INTERPRET=1)."""
     pytest.importorskip("liger_kernel")
-    import os
-
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or the Triton interpreter")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    s, t = bench_kl.make_inputs(8, 1000, torch.float32, device, seed=2)
+    s, t = configs.make_inputs(8, 1000, torch.float32, device, seed=2)
     s.requires_grad_(True)
     try:
-        liger = bench_kl.liger_loss_fn()(s, t)
+        liger = baselines.liger_loss_fn()(s, t)
     except Exception as exc:  # a Liger release whose kernels do not run in the interpreter
         if device.type == "cpu":
             pytest.skip(f"Liger does not run under the Triton interpreter here: {type(exc).__name__}: {exc}")
         raise
     liger.backward()
     g_liger, s.grad = s.grad.clone(), None
-    eager = bench_kl.eager_window_kl(s, t, **CFGS["opd"])
+    eager = baselines.eager_window_kl(s, t, **CFGS["opd"])
     eager.backward()
     assert abs(float(liger.detach()) - float(eager.detach())) <= 1e-5
     torch.testing.assert_close(g_liger, s.grad, rtol=1e-4, atol=1e-7)
@@ -214,12 +289,11 @@ def test_cuda_timing_path_replays_graphs(monkeypatch):
         calls.append(len(grad_to_none or []))
         return {"median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "reps": None}
 
-    monkeypatch.setattr(bench_kl.Timer, "_cuda", fake_cuda)
-    args = bench_kl.parse_args([])
-    timer = bench_kl.Timer(SimpleNamespace(type="cuda"), args)
+    monkeypatch.setattr(timing.Timer, "_cuda", fake_cuda)
+    timer = timing.Timer(SimpleNamespace(type="cuda"), bench_kl.parse_args([]))
     copies = []
     for i in range(3):
-        s, t = bench_kl.make_inputs(16, 200, torch.float32, torch.device("cpu"), seed=i)
+        s, t = configs.make_inputs(16, 200, torch.float32, torch.device("cpu"), seed=i)
         copies.append((s.requires_grad_(True), t))
     for name in ("topd[torch]", "eager"):
         fn = _method(name, "topd")
@@ -237,7 +311,7 @@ def test_oom_is_reported_not_dropped(tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB (simulated)")
 
-    monkeypatch.setattr(bench_kl, "eager_window_kl", oom)
+    monkeypatch.setattr(baselines, "eager_window_kl", oom)
     out = tmp_path / "oom.json"
     result = bench_kl.main(["--device", "cpu", "--N", "32", "--V", "500", "--dtype", "fp32",
                             "--methods", "topd[torch],eager", "--configs", "opd", "--cpu-min-reps", "1",
@@ -252,11 +326,9 @@ def test_oom_is_reported_not_dropped(tmp_path, monkeypatch):
 
 
 def test_gpu_timing_reports_quantiles_and_copy_bandwidth(monkeypatch):
-    """The shared GPU timing (bench_kl, profile_rows, profile_cuda_backward) with do_bench stood in for on
-    the CPU: quantiles passed through in order, the copy yardstick counts read + write of the buffer."""
+    """The shared timing (bench_kl, profile_rows, profile_cuda_backward): do_bench stood in for on the CPU,
+    its quantiles passed through in order; the copy yardstick counts read + write of the buffer."""
     import triton.testing
-
-    import gpu_timing
 
     seen = {}
 
@@ -266,9 +338,107 @@ def test_gpu_timing_reports_quantiles_and_copy_bandwidth(monkeypatch):
         return [2.0, 1.5, 3.0]
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    assert gpu_timing.bench_gpu(lambda: None, warmup_ms=7, rep_ms=11) == {
+    assert timing.bench_gpu(lambda: None, warmup_ms=7, rep_ms=11) == {
         "median_ms": 2.0, "p20_ms": 1.5, "p80_ms": 3.0}
     assert seen == {"warmup": 7, "rep": 11, "quantiles": [0.5, 0.2, 0.8]}
-    copy = gpu_timing.copy_bandwidth_gpu(4 << 20, warmup_ms=1, rep_ms=1, device="cpu")
+    copy = timing.copy_bandwidth(CPU, 4 << 20)
     assert copy["bytes"] == 4 << 20
-    assert copy["bytes_per_s"] == 2 * (4 << 20) / 2e-3
+    assert copy["bytes_per_s"] == 2 * (4 << 20) / (copy["median_ms"] * 1e-3)
+    assert 0 < copy["p20_ms"] <= copy["median_ms"] <= copy["p80_ms"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# memory_cpu.py
+# ---------------------------------------------------------------------------------------------------
+def test_memory_cpu_sliced_view_is_not_copied(tmp_path, monkeypatch):
+    """memory_cpu's cases on a small shape: every row measured by both trackers, which agree; the causal
+    shift logits[:, :-1] costs its forward nothing over the contiguous (B, T, V) case (no copy: same peak,
+    same saved bytes) and its fwd+bwd only the view's gradient, which autograd's slice backward holds beside
+    the (B, T+1, V) one; the fused loss needs far less than eager."""
+    monkeypatch.setattr(torch_rows, "CHUNK_ELEMENTS", 1 << 12)  # temporaries small against N x V, as at full size
+    n, v, batch = 64, 2048, 4
+    result = memory_cpu.main(["--N", str(n), "--V", str(v), "--batch", str(batch), "--out", str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == result["rows"]
+    rows = {r["case"]: r for r in result["rows"]}
+    assert len(rows) == 6
+    for r in rows.values():
+        d, p = r["dispatch"], r["profiler"]
+        for key in ("peak_bytes", "kept_bytes", "fwd_peak_bytes", "saved_bytes"):
+            assert abs(d[key] - p[key]) <= 1024, (r["case"], key, d[key], p[key])
+        assert d["kept_bytes"] == d["grad_bytes"]
+    contiguous = rows["topd[torch] default args, (B, T, V) contiguous"]["dispatch"]
+    sliced = rows["topd[torch] default args, student = logits[:, :-1] of (B, T+1, V)"]["dispatch"]
+    nv = n * v * 4
+    assert sliced["loss"] == contiguous["loss"] == rows["topd[torch] default args"]["dispatch"]["loss"]
+    assert sliced["fwd_peak_bytes"] == contiguous["fwd_peak_bytes"] < nv / 4
+    assert sliced["saved_bytes"] == contiguous["saved_bytes"] < nv / 10
+    assert sliced["grad_bytes"] == (n + batch) * v * 4
+    # fwd+bwd: beyond its (B, T+1, V) gradient only the view's (B, T, V) one and scalars (a copy: N V more)
+    assert sliced["extra_bytes"] <= nv + 1024
+    assert "target_pct" not in rows["topd[torch] default args, student = logits[:, :-1] of (B, T+1, V)"]
+    eager = rows["eager, window 8 + Quantile thresholds + guidance"]["dispatch"]
+    topd = rows["topd[torch] window 8 + Quantile thresholds + guidance"]["dispatch"]
+    assert topd["extra_bytes"] < eager["extra_bytes"]
+    assert eager["extra_bytes"] >= 2 * nv
+
+
+# ---------------------------------------------------------------------------------------------------
+# The GPU profilers: what runs on the CPU
+# ---------------------------------------------------------------------------------------------------
+def _fake_bench(fn):
+    fn()
+    return {"median_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA device")
+@pytest.mark.parametrize("script", [profile_rows, profile_cuda_backward])
+def test_profilers_refuse_without_a_gpu(script, capsys):
+    with pytest.raises(SystemExit) as stop:
+        script.main([])
+    assert stop.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_profile_rows_times_every_row_op():
+    """profile_rows.profile on CPU rows, for every backend the registry lets run here (do_bench stood in for):
+    a forward and a backward per backend and divergence, with the bandwidth of the minimal traffic."""
+    names = [name for name, why in registry.availability(CPU).items() if why is None]
+    ops = {name: registry.resolve(name, CPU) for name in names}
+    rows = profiling.row_inputs(4, 64, torch.float32, CPU)
+    assert [x.shape for x in rows] == [(1, 4, 64), (1, 4, 64), (4,), (4,)]
+    args = profile_rows.parse_args(["--teacher-grad"])
+    results = profile_rows.profile(ops, rows, ("reverse_kl", "jsd"), args, _fake_bench, copy_bytes_per_s=1e9)
+    traffic = profiling.row_traffic(4, 64, 4, teacher_grad=True)
+    assert [r["divergence"] for r in results] == ["reverse_kl", "jsd"]
+    for entry in results:
+        assert set(entry) == {"divergence"} | {f"{n}_{d}" for n in names for d in ("forward", "backward")}
+        for name in names:
+            for direction in ("forward", "backward"):
+                r = entry[f"{name}_{direction}"]
+                assert r["min_bytes"] == traffic[direction]
+                assert r["achieved_GBps"] == traffic[direction] / 2e-3 / 1e9
+                assert r["fraction_of_copy_bw"] == traffic[direction] / 2e-3 / 1e9
+
+
+def test_profile_cuda_backward_compares_two_backwards():
+    """profile_cuda_backward.compare on CPU rows: the torch backward against itself (difference 0, speedup 1),
+    and, where the registry has them here (the extension's host build, the Triton interpreter), the pair it
+    is written for."""
+    rows = profiling.row_inputs(4, 64, torch.float32, CPU)
+    pairs = [("torch", "torch")]
+    if registry.unavailable("triton+cuda", CPU) is None:
+        pairs.append(("triton+cuda", "triton"))
+    for ext, ref in pairs:
+        entry = profile_cuda_backward.compare(registry.resolve(ext, CPU), registry.resolve(ref, CPU), rows, "jsd",
+                                              True, _fake_bench, lambda nbytes: timing.copy_bandwidth(CPU, nbytes))
+        assert entry["bytes"] == profiling.row_traffic(4, 64, 4, teacher_grad=True)["backward"]
+        assert entry["copy"]["bytes"] == entry["bytes"] // 2 // 4 * 4
+        assert entry["cuda_speedup_vs_triton"] == 1.0
+        assert entry["max_abs_diff_vs_triton"] <= (0.0 if ext == ref else 1e-6)
+        assert entry["cuda_extension"]["min_bytes"] == entry["bytes"]
+
+
+def test_result_path_names_the_device_and_time():
+    env = {"device_name": "NVIDIA H100 80GB HBM3", "timestamp_utc": "2026-11-22T06:36:29+00:00"}
+    name = "profile_rows_nvidia-h100-80gb-hbm3_20261122T063629Z.json"
+    assert header.result_path("profile_rows", env) == header.RESULTS / name

@@ -1,11 +1,11 @@
-"""The CUDA extension's backward arithmetic, checked on the CPU through its host build.
+"""The CUDA extension's backward, checked on the CPU through its host build.
 
-`topd_kernels._cuda_backward.row_backward_host` runs the same `__host__ __device__` code as the CUDA
-kernel (csrc/row_backward_math.cuh: vector/scalar paths, tails, padding, masked rows, chunked rows) over
-host memory. Truth: the float64 autograd gradient of sum_t coef_t d_t, with d_t from the lead's float64
-reference (`topd_kernels.reference.token_divergence`), and the tolerance: row_cases.py, shared with the
-Triton row tests. The saved statistics come from
-`torch_rows.row_forward` in float32, as in the real pipeline.
+On CPU tensors `cuda_rows.row_backward` (the op `topd::cuda_row_backward`) runs the extension's host
+build: the same `__host__ __device__` code as the CUDA kernel (csrc/row_backward_math.cuh: vector/scalar
+paths, tails, padding, masked rows, chunked rows, the two-stride row addressing) over host memory.
+Truth: the float64 autograd gradient of sum_t coef_t d_t (row_cases.truth), and the tolerance
+(row_cases.row_atol / assert_close), shared with the Triton row tests. The saved statistics come from
+the torch backend's forward in float32 (the contract's layout), as in the real pipeline.
 
 These tests are skipped ONLY when TOPD_CUDA_BUILD=0 is set or nvcc is absent (the extension cannot have
 been built). When nvcc is present and the module is missing, they fail.
@@ -15,12 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuda_helpers import extension_skip_reason, laid_out, like, nvcc_path
-from row_cases import NAN, INF, assert_close, rand_logits, row_atol, truth
-from topd_kernels import cuda_rows, torch_rows
-
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-
+from cuda_helpers import (DIVERGENCES, DTYPE_PAIRS, LAYOUTS, at_row, extension_skip_reason, flat, laid_out,
+                          make_call, nvcc_path, row_stats, run_and_check)
+from row_cases import INF, NAN, ULP, rand_logits, truth
+from topd_kernels.config import DIVERGENCE_CODES
+from topd_kernels.rows import cuda_rows
+from topd_kernels.rows.contract import LOGIT_DTYPES, NUM_STATS, Stat
 
 pytestmark = pytest.mark.skipif(extension_skip_reason() is not None, reason=str(extension_skip_reason()))
 
@@ -30,32 +30,7 @@ def extension():
     built, why = cuda_rows.extension_status()
     if not built:
         pytest.fail(f"nvcc is present ({nvcc_path()}) but the CUDA extension is not built: {why}")
-    return built
-
-
-# ---------------------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------------------
-def _run_and_check(student, teacher, coef, V, tau, divergence, beta, want_teacher, *, gs=None, gt=None,
-                   **host_kw):
-    stats = torch_rows.row_forward(student, teacher, V, tau, divergence, beta)
-    gs = like(student) if gs is None else gs
-    gt = (like(teacher) if gt is None else gt) if want_teacher else None
-    s_before, t_before, stats_before = student.clone(), teacher.clone(), stats.clone()
-    cuda_rows.row_backward_host(student, teacher, stats, coef, V, tau, divergence, beta, gs, gt, **host_kw)
-    # inputs untouched (NaN-aware)
-    assert torch.equal(student.isnan(), s_before.isnan()) and torch.equal(student.nan_to_num(), s_before.nan_to_num())
-    assert torch.equal(teacher.isnan(), t_before.isnan()) and torch.equal(teacher.nan_to_num(), t_before.nan_to_num())
-    assert torch.equal(stats.nan_to_num(), stats_before.nan_to_num())
-    _, want_s, want_t = truth(student, teacher, coef, V, tau, divergence, beta, want_teacher=want_teacher)
-    atol = row_atol(student, teacher, coef, stats, V, tau)
-    assert_close(gs, want_s, "grad_student", atol)
-    masked = coef == 0
-    assert (gs[masked] == 0).all() and (gs[:, V:] == 0).all()
-    if want_teacher:
-        assert_close(gt, want_t, "grad_teacher", atol)
-        assert (gt[masked] == 0).all() and (gt[:, V:] == 0).all()
-    return gs, gt
+    return cuda_rows.EXTENSION
 
 
 def _coef(n, masked_rows=()):
@@ -67,56 +42,95 @@ def _coef(n, masked_rows=()):
 def _poison(x, rows):
     """Non-finite logits on masked rows: the backward must not read them (exact zeros out)."""
     for k, r in enumerate(rows):
-        x[r, ::3] = (NAN, INF, -INF)[k % 3]
-        x[r, 1::3] = NAN
+        row = at_row(x, r)
+        row[::3] = (NAN, INF, -INF)[k % 3]
+        row[1::3] = NAN
+
+
+# ---------------------------------------------------------------------------------------------------
+# The codes and the call shared with the C++ side
+# ---------------------------------------------------------------------------------------------------
+def test_codes_agree_with_python(extension):
+    assert extension.divergence_codes == DIVERGENCE_CODES
+    assert extension.stat_rows == {s.name: int(s) for s in Stat}
+    assert len(extension.stat_rows) == NUM_STATS
+    assert {getattr(torch, name) for name in extension.dtype_codes} == set(LOGIT_DTYPES)
+    assert sorted(extension.dtype_codes.values()) == list(range(len(LOGIT_DTYPES)))
+
+
+def _valid_call(extension, divergence="reverse_kl"):
+    """A BackwardCall filled by cuda_rows from real tensors (and the tensors, which must stay alive)."""
+    s, t = (laid_out(x, torch.float32, batch=2) for x in rand_logits(6, 64))
+    coef = _coef(6)
+    call = make_call(s, t, 64, 1.0, divergence, 0.5)
+    stats = row_stats(s, t, coef, call)
+    gs, gt = torch.empty_like(s), torch.empty_like(t)
+    fields = cuda_rows._call_fields(s, t, stats, coef, gs, gt, call, True, 0)
+    backward_call = extension.BackwardCall()
+    for k, v in fields.items():
+        setattr(backward_call, k, v)
+    return backward_call, fields, (s, t, stats, coef, gs, gt)
+
+
+def test_python_fills_every_field_of_the_call(extension):
+    backward_call, fields, keep = _valid_call(extension)
+    assert tuple(fields) == extension.call_fields
+    assert backward_call.validate() == ""
+    extension.row_backward_host(backward_call)
+    with pytest.raises(AttributeError):   # a misspelt field cannot pass silently
+        backward_call.vocab_sise = 3
+    assert "vocab_size=64" in repr(backward_call)
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("vocab_size", 0, "vocab_size"), ("vocab_size", 65, "vocab_size"), ("vocab_size", -1, "vocab_size"),
+    ("temperature", 0.0, "temperature"), ("temperature", INF, "temperature"), ("temperature", NAN, "temperature"),
+    ("divergence", 3, "divergence"), ("divergence", -1, "divergence"),
+    ("student_dtype", 3, "student_dtype"), ("teacher_dtype", -1, "teacher_dtype"),
+    ("batch", -1, "batch"), ("length", 2**31, "batch \\* length"),
+    ("s_stride_t", -64, "strides"), ("t_stride_b", -1, "strides"), ("stats_s1", -1, "strides"),
+    ("coef_s0", -1, "strides"), ("chunk_cols", 12, "chunk_cols"), ("chunk_cols", -8, "chunk_cols"),
+    ("student", 0, "null address"), ("coef", 0, "null address"),
+])
+def test_cpp_validate(extension, field, value, reason):
+    """The C++ validate, the guard at the raw-address boundary, on calls that bypass the Python checks."""
+    backward_call, _, keep = _valid_call(extension)
+    setattr(backward_call, field, value)
+    assert backward_call.validate()
+    with pytest.raises(ValueError, match=reason):
+        extension.row_backward_host(backward_call)
+
+
+def test_cpp_validate_jsd_beta(extension):
+    for beta in (0.0, 1.0, NAN):
+        backward_call, _, keep = _valid_call(extension, "jsd")
+        backward_call.beta = beta
+        with pytest.raises(ValueError, match="beta"):
+            extension.row_backward_host(backward_call)
+    with pytest.raises(ValueError, match="emulated_threads"):
+        extension.row_backward_host(_valid_call(extension)[0], 0)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The matrix: divergence x dtypes x teacher gradient x memory layout (vector path, scalar path, strides)
 # ---------------------------------------------------------------------------------------------------
-DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-    (torch.float32, torch.float16),
-    (torch.float16, torch.bfloat16),
-]
-
-# name: (student width, teacher width, vocab_size, student (offset, row stride), teacher (offset, row stride),
-#        outputs (offset, student-grad row stride, teacher-grad row stride), temperature, host kwargs)
-LAYOUTS = {
-    # 16-byte aligned rows: vector path, a scalar tail (997 = 124 * 8 + 5), then padding zeros
-    "aligned": (1024, 1040, 997, (0, None), (0, None), (0, None, None), 1.0, {}),
-    # odd widths, contiguous: every row misaligned -> scalar path; widths differ, V < both
-    "unaligned": (1003, 1001, 999, (0, None), (0, None), (0, None, None), 0.7, {}),
-    # row-strided views, aligned (offset 8 elements, strides multiples of 8), strided outputs too
-    "strided_aligned": (1040, 1024, 1000, (8, 1088), (16, 1104), (8, 1096, 1032), 2.0, {}),
-    # row-strided views with a misaligned base -> scalar path
-    "strided_unaligned": (1010, 1030, 1010, (3, 1100), (5, 1031), (1, 1013, 1037), 1.0, {}),
-    # the kernel's work split: rows cut in 64-column chunks, 3 cooperating "threads" per chunk
-    "chunked": (1024, 1056, 1001, (0, None), (8, 1064), (0, None, None), 1.5, {"chunk_cols": 64, "emulated_threads": 3}),
-}
-
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("want_teacher", [True, False], ids=["grad_t", "no_grad_t"])
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda p: f"{str(p[0])[6:]}-{str(p[1])[6:]}")
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_host_matches_float64(divergence, dtypes, want_teacher, layout, seed):
-    ws, wt, V, (so, ss), (to, ts), (oo, gss, gts), tau, host_kw = LAYOUTS[layout]
-    n = 7
+def test_host_matches_float64(divergence, dtypes, want_teacher, layout, seed, nan_poisoned_empty):
+    B, T, ws, wt, V, s_layout, t_layout, tau, work_split = LAYOUTS[layout]
+    n = B * T
     base_s, base_t = rand_logits(n, V, pad=(ws - V, wt - V))   # garbage past vocab_size must be ignored
-    student = laid_out(base_s, dtypes[0], offset=so, row_stride=ss)
-    teacher = laid_out(base_t, dtypes[1], offset=to, row_stride=ts)
-    masked = (1, 4)
+    student = laid_out(base_s, dtypes[0], batch=B, **s_layout)
+    teacher = laid_out(base_t, dtypes[1], batch=B, **t_layout)
+    masked = (1, n - 2)
     _poison(student, masked)
-    _poison(teacher, masked)
+    if t_layout.get("stride_b") != 0:   # a broadcast teacher's rows are shared with live rows
+        _poison(teacher, masked)
     coef = _coef(n, masked)
-    gs = like(student, offset=oo, row_stride=gss)
-    gt = like(teacher, offset=oo, row_stride=gts) if want_teacher else None
     beta = 0.3 if divergence == "jsd" else 0.5
-    _run_and_check(student, teacher, coef, V, tau, divergence, beta, want_teacher, gs=gs, gt=gt, **host_kw)
+    run_and_check(student, teacher, coef, V, tau, divergence, beta, want_teacher, **work_split)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,7 +142,7 @@ def test_host_matches_float64(divergence, dtypes, want_teacher, layout, seed):
 def test_neg_inf_entries(divergence, dtype, layout, seed):
     width = 1024 if layout == "aligned" else 1001
     n, V = 6, width - 3
-    s, t = (laid_out(x, dtype) for x in rand_logits(n, V, pad=(width - V, width - V)))
+    s, t = rand_logits(n, V, pad=(width - V, width - V))
     both = torch.rand(n, V) < 0.2            # banned tokens: -inf for both models
     both[:, 0] = False                       # column 0 stays finite: every row normalisable
     s[:, :V][both] = -INF
@@ -145,108 +159,188 @@ def test_neg_inf_entries(divergence, dtype, layout, seed):
     else:
         s[:, :V][only & half] = -INF
         t[:, :V][only & ~half] = -INF
+    s, t = laid_out(s, dtype, batch=2), laid_out(t, dtype, batch=2)
     coef = _coef(n, masked_rows=(2,))
-    gs, gt = _run_and_check(s, t, coef, V, 1.0, divergence, 0.4, True)
+    gs, gt = run_and_check(s, t, coef, V, 1.0, divergence, 0.4, True)
+    gs, gt, s, t = flat(gs)[:, :V], flat(gt)[:, :V], flat(s)[:, :V], flat(t)[:, :V]
     # the side whose p is 0 gets exactly 0 there
     if divergence == "reverse_kl":
-        assert (gs[:, :V][s[:, :V] == -INF] == 0).all()
+        assert (gs[s == -INF] == 0).all()
     if divergence == "forward_kl":
-        assert (gt[:, :V][t[:, :V] == -INF] == 0).all()
+        assert (gt[t == -INF] == 0).all()
     if divergence == "jsd":
-        assert (gs[:, :V][s[:, :V] == -INF] == 0).all() and (gt[:, :V][t[:, :V] == -INF] == 0).all()
-    assert (gs[:, :V][both] == 0).all() and (gt[:, :V][both] == 0).all()
+        assert (gs[s == -INF] == 0).all() and (gt[t == -INF] == 0).all()
+    assert (gs[both] == 0).all() and (gt[both] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------------
-# Masked rows, edge shapes, temperature, argument checks
+# Precision: a large common offset of the logits
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_large_common_offset(divergence, tau, seed):
+    """logits = 1e4 + 3 randn in float32: log p = (z - max z) / tau - logsum keeps the gradient within a small
+    multiple of plain float32 PyTorch's error (log_softmax of the float32 logits, autograd). The former
+    z / tau - lse cancelled: log p off by about ulp(1e4) ~ 1e-3, the gradient by ~1e-3 relative."""
+    n, V = 8, 2048
+    base = torch.randn(n, V, dtype=torch.float64) * 3.0
+    s64 = 1e4 + base
+    t64 = 1e4 + 0.8 * base + 0.6 * 3.0 * torch.randn(n, V, dtype=torch.float64)
+    s, t = laid_out(s64, torch.float32, batch=2), laid_out(t64, torch.float32, batch=2)
+    coef = _coef(n, masked_rows=(5,))
+    gs, gt = run_and_check(s, t, coef, V, tau, divergence, 0.3, True)
+    _, want_s, want_t = truth(flat(s), flat(t), coef, V, tau, divergence, 0.3)
+    _, f32_s, f32_t = truth(flat(s), flat(t), coef, V, tau, divergence, 0.3, dtype=None)
+    for name, got, want, plain in (("grad_student", gs, want_s, f32_s), ("grad_teacher", gt, want_t, f32_t)):
+        err = float((flat(got).double() - want).abs().max())
+        plain_err = float((plain.double() - want).abs().max())
+        scale = float(want.abs().max())
+        bound = 4.0 * plain_err + 2 * ULP[torch.float32] * scale   # plus one float32 rounding of the largest
+        assert err <= bound, f"{name}: error {err:.3g}, plain float32 PyTorch's {plain_err:.3g}"
+        if tau == 1.0:   # the check can tell: the cancelling formula would be ~1e-3 * scale off
+            assert bound < 1e-5 * scale, f"{name}: plain float32 PyTorch's own error {plain_err:.3g} is too large"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masked rows, edge shapes, temperature, strided statistics
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_all_rows_masked_with_nonfinitelogits(divergence):
-    n, width = 5, 1024
-    s = torch.full((n, width), NAN, dtype=torch.bfloat16)
-    t = torch.full((n, width), INF, dtype=torch.float32)
-    stats = torch.full((4, n), NAN)
-    gs, gt = like(s), like(t)
-    cuda_rows.row_backward_host(s, t, stats, torch.zeros(n), 1000, 1.0, divergence, 0.5, gs, gt)
+def test_all_rows_masked_with_nonfinite_logits(divergence):
+    B, T, width = 2, 3, 1024
+    s = torch.full((B, T, width), NAN, dtype=torch.bfloat16)
+    t = torch.full((B, T, width), INF, dtype=torch.float32)
+    stats = torch.full((NUM_STATS, B * T), NAN)
+    call = make_call(s, t, 1000, 1.0, divergence, 0.5)
+    gs, gt = cuda_rows.row_backward(s, t, stats, torch.zeros(B * T), call, True)
     assert (gs == 0).all() and (gt == 0).all()
-    assert not torch.signbit(gs.float()).any(), "masked rows must be +0.0"
+    assert not torch.signbit(gs.float()).any() and not torch.signbit(gt).any(), "masked rows must be +0.0"
 
 
 @pytest.mark.parametrize("tau", [0.25, 0.7, 1.0, 3.0])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_temperature(divergence, tau, seed):
     n, width = 4, 512
-    s, t = rand_logits(n, width, dtype=torch.float32)
-    _run_and_check(s, t, _coef(n), width, tau, divergence, 0.7, True)
+    s, t = (laid_out(x, torch.float32, batch=2) for x in rand_logits(n, width))
+    run_and_check(s, t, _coef(n), width, tau, divergence, 0.7, True)
 
 
-def test_small_and_degenerate_shapes(seed):
-    for n, width, V in [(1, 8, 8), (3, 1, 1), (2, 7, 5), (2, 16, 9), (0, 32, 32), (3, 24, 0)]:
-        s, t = rand_logits(n, V, pad=(width - V, width + 2 - V), correlation=0.0)
-        s, t = s.to(torch.bfloat16), t.to(torch.float32)
-        coef = _coef(n)
-        if V == 0:   # nothing to differentiate: everything is padding
-            gs, gt = like(s), like(t)
-            stats = torch.zeros(4, n)
-            cuda_rows.row_backward_host(s, t, stats, coef, 0, 1.0, "reverse_kl", 0.5, gs, gt)
-            assert (gs == 0).all() and (gt == 0).all()
-            continue
-        for divergence in DIVERGENCES:
-            _run_and_check(s, t, coef, V, 1.0, divergence, 0.5, True)
+@pytest.mark.parametrize("B, T, width, V", [(1, 1, 8, 8), (3, 1, 1, 1), (1, 2, 7, 5), (2, 1, 16, 9),
+                                            (0, 4, 32, 32), (4, 0, 32, 32)])
+def test_small_and_empty_shapes(B, T, width, V, seed):
+    n = B * T
+    s, t = rand_logits(n, V, pad=(width - V, width + 2 - V), correlation=0.0)
+    s = laid_out(s.reshape(B, T, width), torch.bfloat16)
+    t = laid_out(t.reshape(B, T, width + 2), torch.float32)
+    for divergence in DIVERGENCES:
+        for want_teacher in (True, False):
+            run_and_check(s, t, _coef(n), V, 1.0, divergence, 0.5, want_teacher)
 
 
 def test_beta_extremes_jsd(seed):
     n, width = 4, 256
-    s, t = rand_logits(n, width, correlation=0.0, dtype=torch.float32)
+    s, t = (laid_out(x, torch.float32, batch=2) for x in rand_logits(n, width, correlation=0.0))
     for beta in (0.01, 0.5, 0.99):
-        _run_and_check(s, t, _coef(n), width, 1.0, "jsd", beta, True)
+        run_and_check(s, t, _coef(n), width, 1.0, "jsd", beta, True)
 
 
-def test_stats_and_coef_strides(seed):
-    """stats as a (4, N) view with a non-unit row stride, coef as a strided view."""
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_stats_and_coef_strides(divergence, seed):
+    """stats as (NUM_STATS, N) views with non-unit strides (every other column; a transposed (N, NUM_STATS)),
+    coef as a strided view; the gaps hold NaN."""
     n, width = 6, 264
-    s, t = rand_logits(n, width, correlation=0.0, dtype=torch.float16)
-    stats = torch_rows.row_forward(s, t, width, 1.0, "reverse_kl", 0.5)
-    wide = torch.full((4, 2 * n), NAN)
-    wide[:, ::2] = stats
+    s, t = (laid_out(x, torch.float16, batch=3) for x in rand_logits(n, width, correlation=0.0))
     coef_buf = torch.full((3 * n,), NAN)
     coef_buf[::3] = _coef(n, (0,))
-    gs, gt = like(s), like(t)
-    cuda_rows.row_backward_host(s, t, wide[:, ::2], coef_buf[::3], width, 1.0, "reverse_kl", 0.5, gs, gt)
-    _, want_s, want_t = truth(s, t, coef_buf[::3], width, 1.0, "reverse_kl", 0.5)
-    atol = row_atol(s, t, coef_buf[::3], stats, width, 1.0)
-    assert_close(gs, want_s, "grad_student", atol)
-    assert_close(gt, want_t, "grad_teacher", atol)
+    coef = coef_buf[::3]
+    call = make_call(s, t, width, 1.0, divergence, 0.4)
+    stats = row_stats(s, t, coef, call)
+    wide = torch.full((NUM_STATS, 2 * n), NAN)
+    wide[:, ::2] = stats
+    transposed = stats.t().contiguous().t()
+    for strided in (wide[:, ::2], transposed):
+        assert strided.stride() != stats.stride()
+        run_and_check(s, t, coef, width, 1.0, divergence, 0.4, True, stats=strided)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The op: argument checks, torch.library.opcheck, fullgraph compile
+# ---------------------------------------------------------------------------------------------------
 def test_argument_checks():
-    n, width = 3, 64
-    s, t = torch.randn(n, width), torch.randn(n, width)
-    stats, coef = torch.zeros(4, n), torch.ones(n)
-    gs, gt = torch.empty_like(s), torch.empty_like(t)
-    call = cuda_rows.row_backward_host
-    with pytest.raises(TypeError, match="student"):
-        call(s.double(), t, stats, coef, width, 1.0, "reverse_kl", 0.5, gs.double(), gt)
-    with pytest.raises(ValueError, match="last dim"):
-        call(torch.randn(width, n).t(), t, stats, coef, width, 1.0, "reverse_kl", 0.5, gs, gt)
-    with pytest.raises(ValueError, match="grad_student"):
-        call(s, t, stats, coef, width, 1.0, "reverse_kl", 0.5, gs.half(), gt)
+    B, T, width = 2, 3, 64
+    s, t = torch.randn(B, T, width), torch.randn(B, T, width)
+    n = B * T
+    stats, coef = torch.zeros(NUM_STATS, n), torch.ones(n)
+    call = make_call(s, t, width, 1.0, "reverse_kl")
+    backward = cuda_rows.row_backward
+    with pytest.raises(ValueError, match="student"):
+        backward(s.double(), t, stats, coef, call, True)
+    with pytest.raises(ValueError, match="student"):
+        backward(s[0], t, stats, coef, call, True)
+    with pytest.raises(ValueError, match="teacher"):
+        backward(s, torch.randn(width, T, B).permute(2, 1, 0), stats, coef, call, True)   # last stride != 1
+    with pytest.raises(ValueError, match="teacher"):
+        backward(s, t[:1], stats, coef, call, True)
     with pytest.raises(ValueError, match="vocab_size"):
-        call(s, t, stats, coef, width + 1, 1.0, "reverse_kl", 0.5, gs, gt)
-    with pytest.raises(ValueError, match="divergence"):
-        call(s, t, stats, coef, width, 1.0, "kl", 0.5, gs, gt)
-    with pytest.raises(ValueError, match="beta"):
-        call(s, t, stats, coef, width, 1.0, "jsd", 1.0, gs, gt)
+        backward(s, t, stats, coef, call._replace(vocab_size=width + 1), True)
+    with pytest.raises(ValueError, match="vocab_size"):
+        backward(s, t, stats, coef, call._replace(vocab_size=0), True)
     with pytest.raises(ValueError, match="temperature"):
-        call(s, t, stats, coef, width, 0.0, "reverse_kl", 0.5, gs, gt)
+        backward(s, t, stats, coef, call._replace(temperature=0.0), True)
+    with pytest.raises(ValueError, match="beta"):
+        backward(s, t, stats, coef, call._replace(divergence=DIVERGENCE_CODES["jsd"], beta=1.0), True)
+    with pytest.raises(ValueError, match="divergence"):
+        backward(s, t, stats, coef, call._replace(divergence=3), True)
     with pytest.raises(ValueError, match="stats"):
-        call(s, t, stats[:3], coef, width, 1.0, "reverse_kl", 0.5, gs, gt)
+        backward(s, t, stats[:4], coef, call, True)   # the former 4-row layout
+    with pytest.raises(ValueError, match="stats"):
+        backward(s, t, stats.double(), coef, call, True)
+    with pytest.raises(ValueError, match="coef"):
+        backward(s, t, stats, coef[:-1], call, True)
+    with pytest.raises(ValueError, match="coef"):
+        backward(s, t, stats, coef.half(), call, True)
     with pytest.raises(ValueError, match="chunk_cols"):
-        call(s, t, stats, coef, width, 1.0, "reverse_kl", 0.5, gs, gt, chunk_cols=12)
-    with pytest.raises(ValueError, match="cuda"):
-        cuda_rows.row_backward(s, t, stats, coef, width, 1.0, "reverse_kl", 0.5, gs, gt)
+        cuda_rows.run_backward(s, t, stats, coef, call, True, chunk_cols=12)
+    with pytest.raises(ValueError, match="emulated_threads"):
+        cuda_rows.run_backward(s, t, stats, coef, call, True, emulated_threads=0)
+    meta = s.to("meta"), t.to("meta"), stats.to("meta"), coef.to("meta")
+    with pytest.raises(ValueError, match="meta"):
+        cuda_rows.row_backward(*meta, call, True)
+
+
+def _op_args(divergence, want_teacher, dtypes=(torch.bfloat16, torch.float32)):
+    B, T, V = 2, 5, 67
+    base_s, base_t = rand_logits(B * T, V, pad=(5, 13))
+    s = laid_out(base_s, dtypes[0], batch=B, stride_b=7 * 72, stride_t=72)   # (B, T) of a longer sequence
+    t = laid_out(base_t, dtypes[1], batch=B, offset=3)
+    coef = _coef(B * T, (4,))
+    call = make_call(s, t, V, 0.9, divergence, 0.3)
+    return (s, t, row_stats(s, t, coef, call), coef, *call, want_teacher)
+
+
+@pytest.mark.parametrize("want_teacher", [True, False])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_opcheck(divergence, want_teacher, seed):
+    torch.library.opcheck(torch.ops.topd.cuda_row_backward, _op_args(divergence, want_teacher))
+
+
+def test_op_is_the_registered_backward():
+    assert cuda_rows.OPS.name == "cuda" and cuda_rows.OPS.forward_op is None
+    assert cuda_rows.OPS.backward_op._qualname == "topd::cuda_row_backward"
+
+
+def test_fullgraph_compile_goes_through_the_op(seed):
+    args = _op_args("jsd", True)
+
+    def backward(*a):
+        grad_s, grad_t = torch.ops.topd.cuda_row_backward(*a)
+        return grad_s * 2, grad_t + 1
+
+    compiled = torch.compile(backward, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(*args), backward(*args)):
+        assert torch.equal(got, want)
 
 
 def test_extension_status_names_architectures():
     built, reason = cuda_rows.extension_status()
     assert built and "sm_" in reason and "nvcc" in reason
+    assert cuda_rows.UNAVAILABLE is None

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from topd_kernels import Quantile
-from topd_kernels.api import check_config
+from topd_kernels import LossConfig
 from topd_kernels.reference import window_kl_reference
 from topd_kernels.window import discounted_window_sum, masked_quantile, window_step
 
@@ -58,7 +58,7 @@ def test_hand_computed_window_and_guidance():
     d = torch.tensor([1.0, 0.0, 3.0, 2.0])
     mask = torch.tensor([True, True, False, True])
     seq_id = torch.zeros(4, dtype=torch.int64)
-    cfg = check_config(window=2, gamma=0.5, loss_threshold=0.5, div_threshold=1.0, suppress_weight=0.25,
+    cfg = LossConfig(window=2, gamma=0.5, loss_threshold=0.5, div_threshold=1.0, suppress_weight=0.25,
                        guidance_weight=2.0)
     step = window_step(d, mask, seq_id, cfg)
     # w_0 = (1 + .5*0)/(1 + .5) ; w_1 = (0 + .5*0*3)/(1 + 0) ; w_3 = 2 (window truncated at the end)

@@ -4,9 +4,11 @@ The interpreter runs the kernels' Python, not Triton's compiler: type errors in 
 unsupported ops or register spills would only show on a GPU. Triton can compile ahead of time for a
 given target with its bundled ptxas and no device, so this test does that in a subprocess (the test
 session itself runs with TRITON_INTERPRET=1, under which the kernels are interpreter objects). It also
-checks that the row offset is computed in 64 bits, and compiles the hand-rounded bf16 output path
-(SOFT_BF16, used by the interpreter and by a GPU test) too. On a CUDA machine the GPU tests compile the kernels
-for real, so this one is skipped there.
+checks that the row offsets ((b, t) = divmod(i, T), b * stride_b + t * stride_t, and the gradient rows
+i * width) are computed in 64 bits, that torch.library.triton_op finds both kernels in the ops' bodies
+(they enter torch.compile's cache keys; under the interpreter it cannot see them), and compiles the
+hand-rounded bf16 output path (SOFT_BF16, used by the interpreter and by a GPU test) too. On a CUDA
+machine the GPU tests compile the kernels for real, so this one is skipped there.
 """
 import json
 import os
@@ -20,9 +22,10 @@ import torch
 SCRIPT = textwrap.dedent(r"""
     import json, os, re, subprocess, tempfile
     import triton
+    from torch._library.triton import get_triton_kernels_for_op
     from triton.compiler import ASTSource
     from triton.backends.compiler import GPUTarget
-    import topd_kernels.triton_rows as tr
+    import topd_kernels.rows.triton_rows as tr
 
     target = GPUTarget("cuda", 90, 32)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -35,36 +38,47 @@ SCRIPT = textwrap.dedent(r"""
         found = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out))
         return {k: int(v) for k, v in found.items()}
 
+    def i64_rows(ttir, grad_rows):
+        # (b, t) = divmod(i, T) in 64 bits, b * stride_b and t * stride_t (student and teacher) in 64 bits,
+        # and the contiguous gradient rows i * width in 64 bits
+        divmod64 = all(re.search(rf"arith\.{op} %i_n\w*, \S+ : i64", ttir) for op in ("divsi", "remsi"))
+        row_muls = re.findall(r"arith\.muli %i_[bt]\w*, \S+ : (\w+)", ttir)
+        grad_muls = re.findall(r"= arith\.muli %i_n\w*, %p_g[st]_row\w* : (\w+)", ttir)
+        return bool(divmod64 and len(row_muls) == 4 and set(row_muls) == {"i64"}
+                    and len(grad_muls) >= grad_rows and set(grad_muls) <= {"i64"})
+
     ints = lambda names: {n: "i32" for n in names}
+    rows = ["stride_student_b", "stride_student_t", "stride_teacher_b", "stride_teacher_t", "length"]
+    scalars = {"inv_temperature": "fp32", "beta": "fp32", "log_one_minus_beta": "fp32", "log_beta": "fp32"}
     results = []
     for div in (0, 1, 2):
         for ds, dt in (("*bf16", "*bf16"), ("*fp32", "*fp16")):
-            sig = {"p_student": ds, "p_teacher": dt, "p_stats": "*fp32",
-                   **ints(["stride_student", "stride_teacher", "stride_stats_k", "stride_stats_n", "vocab_size"]),
-                   "inv_temperature": "fp32", "beta": "fp32", "log_one_minus_beta": "fp32", "log_beta": "fp32",
+            sig = {"p_student": ds, "p_teacher": dt, "p_mask": "*u8", "p_stats": "*fp32",
+                   **ints(rows + ["stride_mask", "stride_stats_k", "stride_stats_n", "vocab_size"]), **scalars,
                    "DIVERGENCE": "constexpr", "BLOCK_V": "constexpr"}
             k = triton.compile(ASTSource(tr._row_forward_kernel, sig, constexprs={"DIVERGENCE": div, "BLOCK_V": 4096}),
                                target=target, options={"num_warps": 8})
-            i64_rows = "arith.muli %i_n" in k.asm["ttir"] and ": i64" in k.asm["ttir"]
-            results.append(dict(kernel="forward", div=div, dtypes=[ds, dt], i64=i64_rows, **resources(k)))
+            results.append(dict(kernel="forward", div=div, dtypes=[ds, dt], i64=i64_rows(k.asm["ttir"], 0),
+                                **resources(k)))
             for has_gt, soft in ((True, False), (False, False), (True, True)):
                 sig = {"p_student": ds, "p_teacher": dt, "p_stats": "*fp32", "p_coef": "*fp32",
                        "p_grad_student": ds, "p_grad_teacher": dt,
-                       **ints(["stride_student", "stride_teacher", "stride_stats_k", "stride_stats_n", "stride_coef",
-                               "stride_grad_student", "stride_grad_teacher", "width_grad_student",
-                               "width_grad_teacher", "vocab_size"]),
-                       "inv_temperature": "fp32", "beta": "fp32", "log_one_minus_beta": "fp32", "log_beta": "fp32",
+                       **ints(rows + ["stride_stats_k", "stride_stats_n", "stride_coef", "width_student",
+                                      "width_teacher", "vocab_size"]), **scalars,
                        "DIVERGENCE": "constexpr", "HAS_GRAD_TEACHER": "constexpr", "SOFT_BF16": "constexpr",
                        "BLOCK_V": "constexpr"}
                 k = triton.compile(ASTSource(tr._row_backward_kernel, sig, constexprs={
                     "DIVERGENCE": div, "HAS_GRAD_TEACHER": has_gt, "SOFT_BF16": soft, "BLOCK_V": 4096}),
                     target=target, options={"num_warps": 8})
-                i64_rows = "arith.muli %i_n" in k.asm["ttir"] and ": i64" in k.asm["ttir"]
                 results.append(dict(kernel="backward", div=div, dtypes=[ds, dt], teacher_grad=has_gt, soft_bf16=soft,
-                                    i64=i64_rows,
+                                    i64=i64_rows(k.asm["ttir"], 1 + has_gt),
                                     **resources(k)))
-    print("RESULTS" + json.dumps(results))
+    # the kernels torch.library.triton_op found in the op bodies (they key torch.compile's caches)
+    found = {op: [getattr(k, "fn", k).__name__ for k in get_triton_kernels_for_op(f"topd::triton_row_{op}")]
+             for op in ("forward", "backward")}
+    print("RESULTS" + json.dumps(dict(kernels=results, found=found)))
 """)
+
 
 
 def _can_compile_for_cuda():
@@ -85,7 +99,9 @@ def test_kernels_compile_for_sm90_without_spills():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    out = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    assert out["found"] == {"forward": ["_row_forward_kernel"], "backward": ["_row_backward_kernel"]}, out["found"]
+    results = out["kernels"]
     assert len(results) == 24
     for r in results:
         assert r["i64"], f"row offset not computed in 64 bits: {r}"

@@ -5,9 +5,8 @@
 Semantics: docs/SPEC.md, stated as runnable float64 code in `topd_kernels.reference`.
 """
 from . import reference
-from .api import Quantile, WindowKLStats
-from .functional import fused_window_kl
-from .module import WindowKLLoss
+from .config import LossConfig, Quantile, WindowKLStats
+from .functional import WindowKLLoss, fused_window_kl
 
-__all__ = ["fused_window_kl", "Quantile", "WindowKLStats", "WindowKLLoss", "reference"]
+__all__ = ["fused_window_kl", "WindowKLLoss", "LossConfig", "Quantile", "WindowKLStats", "reference"]
 __version__ = "0.1.0"

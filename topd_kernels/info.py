@@ -7,7 +7,6 @@ missing GPU, triton or extension: it reports them.
 from __future__ import annotations
 
 import importlib
-import os
 import platform
 import sys
 
@@ -77,41 +76,27 @@ def report() -> str:
     devices, has_cuda = _devices(torch)
     add("devices      " + "; ".join(devices))
 
-    from topd_kernels.backends import cuda_extension_available, triton_available
+    from topd_kernels.rows import registry
 
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    triton_ok, triton_why = triton_available()
-    built, ext_why = cuda_extension_available()
-    numpy_ok = not _version("numpy").startswith("not available")
+    add("backends usable here (topd_kernels.rows.registry):")
+    for device in ["cpu"] + (["cuda"] if has_cuda else []):
+        device = torch.device(device)
+        for name, why in registry.availability(device).items():
+            add(f"  {name:<12} {device.type:<5} {'yes' if why is None else 'no: ' + why}")
+        add(f"  {'auto':<12} {device.type:<5} -> {registry.auto_backend(device)}")
 
-    add("backends usable here:")
-    add("  torch        yes (any device)")
-    if not triton_ok:
-        add(f"  triton       no: {triton_why}")
-    elif has_cuda:
-        add("  triton       yes, on CUDA" + (" (TRITON_INTERPRET=1 is set: kernels run in the interpreter)"
-                                            if interpret else ""))
-    else:
-        add("  triton       no GPU: CPU tensors only through the Triton interpreter, "
-            + ("which is ON (TRITON_INTERPRET=1)" if interpret else
-               "which needs TRITON_INTERPRET=1 set before import (the tests set it)")
-            + ("" if numpy_ok else "; the interpreter also needs numpy, which is missing"))
-    if not built:
-        add("  triton+cuda  no: CUDA extension not built")
-    elif not triton_ok:
-        add("  triton+cuda  no: needs triton for the forward")
-    elif not has_cuda:
-        add("  triton+cuda  no: needs a CUDA device (the extension is built)")
-    else:
-        add("  triton+cuda  yes")
+    try:
+        from topd_kernels.rows import cuda_rows
 
+        ext_why = cuda_rows.UNAVAILABLE
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        ext_why = f"{type(exc).__name__}: {exc}"
+    built = ext_why is None
     if built:
-        line = f"CUDA extension: built ({ext_why})"
+        line = f"CUDA extension: built ({cuda_rows.build_info()})"
         if has_cuda:
             try:
-                from topd_kernels import cuda_rows
-
-                archs = cuda_rows._load().archs
+                archs = cuda_rows.EXTENSION.archs
                 for i in range(torch.cuda.device_count()):
                     major, minor = torch.cuda.get_device_capability(i)
                     line += f"\n  cuda:{i}: {_arch_match(archs, major, minor)}"

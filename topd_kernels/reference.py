@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .api import Quantile, WindowKLStats, check_config, flatten_inputs
+from .config import Quantile, WindowKLStats, config_signature, split_config
+from .layout import flatten_inputs
 
 _REFERENCE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -48,23 +49,18 @@ def _threshold_value(threshold, values, valid):
     return threshold
 
 
-def window_kl_reference(
-    student_logits, teacher_logits, *, mask=None, cu_seqlens=None,
-    divergence="reverse_kl", beta=0.5, temperature=1.0, window=8, gamma=0.9,
-    loss_threshold=None, div_threshold=None, suppress_weight=0.0, guidance_weight=0.0,
-    reduction="mean", num_items=None, vocab_size=None, return_stats=False, backend="reference",
-):
+@config_signature
+def window_kl_reference(student_logits, teacher_logits, *, mask=None, cu_seqlens=None, return_stats=False,
+                        backend="reference", **config):
     """`fused_window_kl` in float64, written plainly. Same arguments; `backend` is ignored.
 
     student_logits, teacher_logits: (B, T, Vs), (B, T, Vt) or (N, Vs), (N, Vt).
     Returns the float64 loss (shape of `mask` for reduction="none", else a scalar), and with
     return_stats=True also a WindowKLStats in the layout of `mask`.
     """
-    cfg = check_config(
-        divergence=divergence, beta=beta, temperature=temperature, window=window, gamma=gamma,
-        loss_threshold=loss_threshold, div_threshold=div_threshold, suppress_weight=suppress_weight,
-        guidance_weight=guidance_weight, reduction=reduction, num_items=num_items, vocab_size=vocab_size,
-    )
+    cfg, unknown = split_config(config)
+    if unknown:
+        raise TypeError(f"window_kl_reference: unexpected keyword argument(s) {sorted(unknown)}")
     rows = flatten_inputs(student_logits, teacher_logits, mask, cu_seqlens, cfg, dtypes=_REFERENCE_DTYPES)
     n, k, V = rows.mask.numel(), cfg.window, rows.vocab_size
     valid = rows.mask.cpu()
@@ -73,7 +69,8 @@ def window_kl_reference(
     # d_t, computed on the valid rows only so that invalid rows get exactly zero gradient.
     d = torch.zeros(n, dtype=torch.float64, device=rows.student.device)
     index = valid.nonzero().flatten().to(d.device)
-    d = d.index_put((index,), token_divergence(rows.student[index, :V], rows.teacher[index, :V],
+    student, teacher = rows.student.flatten(0, 1), rows.teacher.flatten(0, 1)
+    d = d.index_put((index,), token_divergence(student[index, :V], teacher[index, :V],
                                                cfg.divergence, cfg.beta, cfg.temperature))
     d_val = d.detach().cpu()
     m = valid.double()

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from .api import LossConfig, Quantile
+from .config import LossConfig, Quantile
 
 
 class WindowStep(NamedTuple):

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from topd_kernels import Quantile
+
 from .loop import DistillConfig, distill
 from .methods import METHODS, MethodSettings
 from .plot import plot_accuracy
@@ -32,6 +34,16 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
+
+
+def _quantile(name: str):
+    """argparse type: a quantile level Q -> Quantile(Q), errors in the loss's words."""
+    def parse(text: str) -> Quantile:
+        try:
+            return Quantile(float(text))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{name}: {exc}") from None
+    return parse
 
 
 def _non_negative_int(text: str) -> int:
@@ -93,10 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--eval-every", type=_positive_int, default=DistillConfig.eval_every)
     dist.add_argument("--window", type=_positive_int, default=MethodSettings.window, help="near-future window k")
     dist.add_argument("--gamma", type=float, default=MethodSettings.gamma, help="window decay")
-    dist.add_argument("--loss-quantile", type=float, default=MethodSettings.loss_quantile,
-                      help="high-loss threshold: this quantile of the per-token divergence")
-    dist.add_argument("--div-quantile", type=float, default=MethodSettings.div_quantile,
-                      help="divergent threshold: this quantile of the window score")
+    dist.add_argument("--loss-threshold", type=_quantile("loss_threshold"),
+                      default=MethodSettings.loss_threshold, metavar="Q",
+                      help="high-loss threshold: Quantile(Q) of the per-token divergence")
+    dist.add_argument("--div-threshold", type=_quantile("div_threshold"), default=MethodSettings.div_threshold,
+                      metavar="Q", help="divergent threshold: Quantile(Q) of the window score")
     dist.add_argument("--suppress-weight", type=float, default=MethodSettings.suppress_weight,
                       help="weight of suppressed (high-loss, non-divergent) tokens")
     dist.add_argument("--guidance-weight", type=float, default=MethodSettings.guidance_weight,
@@ -135,7 +148,7 @@ def resolve_device(name: str) -> torch.device:
 
 def configs_from_args(args: argparse.Namespace):
     """(TaskConfig, TeacherConfig, StudentConfig, DistillConfig) from parsed args; ValueError if bad."""
-    settings = MethodSettings(args.window, args.gamma, args.loss_quantile, args.div_quantile,
+    settings = MethodSettings(args.window, args.gamma, args.loss_threshold, args.div_threshold,
                               args.suppress_weight, args.guidance_weight)
     distill_config = DistillConfig(args.steps, args.batch_size, args.lr, args.temperature, args.eval_every, settings)
     task_config = TaskConfig(n_ops=args.n_ops, test_size=args.test_size)

@@ -1,8 +1,8 @@
 """The distillation methods as configurations of `fused_window_kl`.
 
     opd         reverse KL on every response token (window 1, no thresholds): plain token-level OPD.
-    opd-filter  TOPD's suppression only: high-loss tokens (d above the `loss_quantile` quantile) whose
-                near-future window score is not above the `div_quantile` quantile get `suppress_weight`;
+    opd-filter  TOPD's suppression only: high-loss tokens (d above the `loss_threshold` quantile) whose
+                near-future window score is not above the `div_threshold` quantile get `suppress_weight`;
                 no guidance.
     topd        suppression plus `guidance_weight` spread from each divergent token over the next
                 `window` tokens (decay `gamma`).
@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from topd_kernels import Quantile, WindowKLStats
-from topd_kernels.api import check_config
+from topd_kernels import LossConfig, Quantile, WindowKLStats
 
 METHODS = ("opd", "opd-filter", "topd", "trd")
 
@@ -28,19 +27,13 @@ class MethodSettings:
 
     window: int = 4
     gamma: float = 0.9
-    loss_quantile: float = 0.8
-    div_quantile: float = 0.5
+    loss_threshold: Quantile = Quantile(0.8)  # the loss's knobs of the same names
+    div_threshold: Quantile = Quantile(0.5)
     suppress_weight: float = 0.0
     guidance_weight: float = 0.5
 
     def __post_init__(self):
-        # The valid ranges are the loss's own: check them where the loss does (Quantile, check_config).
-        for name in ("loss_quantile", "div_quantile"):
-            try:
-                Quantile(getattr(self, name))
-            except ValueError as exc:
-                raise ValueError(f"{name}: {exc}") from None
-        check_config(**loss_kwargs("topd", self))
+        LossConfig(**loss_kwargs("topd", self))  # the loss's own checks, in the loss's words
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,8 +51,8 @@ def detection_kwargs(settings: MethodSettings) -> dict:
         divergence="reverse_kl",
         window=settings.window,
         gamma=settings.gamma,
-        loss_threshold=Quantile(settings.loss_quantile),
-        div_threshold=Quantile(settings.div_quantile),
+        loss_threshold=settings.loss_threshold,
+        div_threshold=settings.div_threshold,
     )
 
 

@@ -1,122 +1,24 @@
-"""Argument checking and the flat layout every implementation works on.
+"""The tensors of a call, checked against each other and viewed as a grid of rows (no copies).
 
-`check_config` validates the keyword configuration (SPEC "Bad input") into a `LossConfig`;
-`flatten_inputs` validates the tensors and views them as rows: logits (N, V*), mask (N,), and a
-sequence id per row, for both the batched (B, T, V) and the packed (N, V) + cu_seqlens layouts.
+`flatten_inputs` validates the logits, mask and cu_seqlens (SPEC "Bad input") and returns `Rows`:
+the logits as (B, T, V*) views, (1, N, V*) for the packed layout, so that a slice such as
+`logits[:, :-1]` keeps its strides and is never copied; the mask (N,), and a sequence id per row.
 Nothing here reads tensor values on an accelerator (no host synchronisation).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-REDUCTIONS = ("mean", "sum", "batchmean", "none")
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .config import LossConfig
+from .rows.contract import LOGIT_DTYPES
 
 
-@dataclass(frozen=True)
-class Quantile:
-    """A threshold given as the q-quantile (linear interpolation, as `torch.quantile`) of the
-    thresholded quantity over the valid positions of the call."""
-
-    q: float
-
-    def __post_init__(self):
-        if isinstance(self.q, bool) or not isinstance(self.q, (int, float)):
-            raise TypeError(f"Quantile: q must be a number in [0, 1], got {type(self.q).__name__}")
-        if not 0.0 <= float(self.q) <= 1.0:
-            raise ValueError(f"Quantile: q must be in [0, 1], got {self.q}")
-
-
-Threshold = Union[None, float, Quantile]
-
-
-class WindowKLStats(NamedTuple):
-    """Per-token statistics, in the layout of the mask, detached; 0 / False at invalid positions."""
-
-    kl: torch.Tensor            # d_t, float32
-    window_score: torch.Tensor  # w_t, float32
-    high_loss: torch.Tensor     # bool
-    divergent: torch.Tensor     # bool
-    weight: torch.Tensor        # c_t, float32
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """The validated keyword configuration of `fused_window_kl` (everything but the tensors)."""
-
-    divergence: str = "reverse_kl"
-    beta: float = 0.5
-    temperature: float = 1.0
-    window: int = 8
-    gamma: float = 0.9
-    loss_threshold: Threshold = None
-    div_threshold: Threshold = None
-    suppress_weight: float = 0.0
-    guidance_weight: float = 0.0
-    reduction: str = "mean"
-    num_items: Optional[float] = None
-    vocab_size: Optional[int] = None
-
-
-def _number(name: str, value, *, integer: bool = False) -> float:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        want = "an int" if integer else "a number"
-        raise TypeError(f"{name}: expected {want}, got {type(value).__name__}")
-    if not integer and not math.isfinite(value):
-        raise ValueError(f"{name}: must be finite, got {value}")
-    return value
-
-
-def _threshold(name: str, value) -> Threshold:
-    if value is None or isinstance(value, Quantile):
-        return value
-    return float(_number(name, value))
-
-
-def check_config(**kwargs) -> LossConfig:
-    """Validate the keyword configuration; raises ValueError / TypeError naming the argument."""
-    cfg = LossConfig(**kwargs)
-    if cfg.divergence not in DIVERGENCES:
-        raise ValueError(f"divergence: unknown divergence {cfg.divergence!r}; expected one of {DIVERGENCES}")
-    if cfg.reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: unknown reduction {cfg.reduction!r}; expected one of {REDUCTIONS}")
-    if _number("temperature", cfg.temperature) <= 0:
-        raise ValueError(f"temperature: must be > 0, got {cfg.temperature}")
-    if _number("window", cfg.window, integer=True) < 1:
-        raise ValueError(f"window: must be >= 1, got {cfg.window}")
-    if not 0.0 <= _number("gamma", cfg.gamma) <= 1.0:
-        raise ValueError(f"gamma: must be in [0, 1], got {cfg.gamma}")
-    _number("beta", cfg.beta)
-    if cfg.divergence == "jsd" and not 0.0 < cfg.beta < 1.0:
-        raise ValueError(f"beta: must be in (0, 1) for jsd, got {cfg.beta}")
-    if not 0.0 <= _number("suppress_weight", cfg.suppress_weight) <= 1.0:
-        raise ValueError(f"suppress_weight: must be in [0, 1], got {cfg.suppress_weight}")
-    if _number("guidance_weight", cfg.guidance_weight) < 0:
-        raise ValueError(f"guidance_weight: must be >= 0, got {cfg.guidance_weight}")
-    if cfg.num_items is not None:
-        if cfg.reduction not in ("mean", "batchmean"):
-            raise ValueError(f"num_items: only with reduction 'mean' or 'batchmean', not {cfg.reduction!r}")
-        if _number("num_items", cfg.num_items) <= 0:
-            raise ValueError(f"num_items: must be > 0, got {cfg.num_items}")
-    if cfg.vocab_size is not None and _number("vocab_size", cfg.vocab_size, integer=True) < 1:
-        raise ValueError(f"vocab_size: must be >= 1, got {cfg.vocab_size}")
-    return LossConfig(
-        **{
-            **cfg.__dict__,
-            "loss_threshold": _threshold("loss_threshold", cfg.loss_threshold),
-            "div_threshold": _threshold("div_threshold", cfg.div_threshold),
-        }
-    )
-
-
-class FlatInputs(NamedTuple):
-    """The inputs as rows. `student` (N, Vs) and `teacher` (N, Vt) are views of the callers' tensors."""
+class Rows(NamedTuple):
+    """The inputs as rows. `student` (B, T, Vs) and `teacher` (B, T, Vt) are views of the callers' tensors
+    (B = 1, T = N for the packed layout); row i of the flat order is (b, t) = divmod(i, T)."""
 
     student: torch.Tensor
     teacher: torch.Tensor
@@ -125,6 +27,12 @@ class FlatInputs(NamedTuple):
     num_seqs: int            # B, the number of packed sequences, or 1
     shape: tuple             # the leading dims: (B, T) or (N,)
     vocab_size: int          # V: the number of leading logit columns used
+
+
+def _row_grid(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) view of 3-D or 2-D logits; a copy only when the last dim is not contiguous."""
+    x = x if x.dim() == 3 else x.unsqueeze(0)
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
 def _check_logits(name: str, x, dtypes) -> None:
@@ -169,7 +77,7 @@ def _check_cu_seqlens(cu: torch.Tensor, n_rows: int, device: torch.device) -> No
                             "cu_seqlens: must start at 0, be non-decreasing and end at N")
 
 
-def flatten_inputs(student, teacher, mask, cu_seqlens, cfg: LossConfig, dtypes=LOGIT_DTYPES) -> FlatInputs:
+def flatten_inputs(student, teacher, mask, cu_seqlens, cfg: LossConfig, dtypes=LOGIT_DTYPES) -> Rows:
     """Validate the tensors against each other and `cfg`, and view them as rows."""
     _check_logits("student_logits", student, dtypes)
     _check_logits("teacher_logits", teacher, dtypes)
@@ -219,9 +127,9 @@ def flatten_inputs(student, teacher, mask, cu_seqlens, cfg: LossConfig, dtypes=L
         seq_id = torch.zeros(n_rows, dtype=torch.int64, device=device)
         num_seqs = 1
 
-    return FlatInputs(
-        student=student.reshape(n_rows, vs),
-        teacher=teacher.reshape(n_rows, vt),
+    return Rows(
+        student=_row_grid(student),
+        teacher=_row_grid(teacher),
         mask=mask.reshape(n_rows),
         seq_id=seq_id,
         num_seqs=num_seqs,

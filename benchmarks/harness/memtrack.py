@@ -1,4 +1,4 @@
-"""Peak-memory measurement shared by the benchmarks (`bench_kl.py`, `memory_cpu.py`) and their test.
+"""Peak memory of a region: what a loss allocates above its inputs (`measure_peak`, `measure_memory`).
 
 CPU tensors have no allocator statistics like `torch.cuda.max_memory_allocated`, and sampling the
 process RSS is unreliable (the allocator keeps freed pages, other threads allocate, pages are touched
@@ -13,7 +13,10 @@ the region (the inputs) is never counted, and neither is anything freed before t
 
 It sees everything that goes through the dispatcher: eager ops, autograd's backward ops (on the CPU the
 autograd engine runs on the calling thread, so the mode is active there too), gradient accumulation,
-and tensors that custom kernels allocate with `torch.empty`. It does not see memory allocated by code
+and tensors that custom kernels allocate with `torch.empty`. A custom op (the row backends are
+`torch.library` ops) reaches a dispatch mode as one call whose body would run with the mode switched
+off; the tracker runs that body with itself active, so the op's temporaries count too. It does not see
+memory allocated by code
 that bypasses the dispatcher — notably the kernels that `torch.compile` (Inductor) generates, which
 allocate their buffers directly. For those use `ProfilerTracker`, which reads the CPU allocator's
 allocation/free events from `torch.profiler` (`profile_memory=True`) and replays them in order.
@@ -22,7 +25,10 @@ On CUDA, `cuda_peak` uses the caching allocator's own counters.
 """
 from __future__ import annotations
 
+import functools
+import gc
 import json
+import operator
 import os
 import tempfile
 import time
@@ -35,17 +41,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-MiB = 1024 ** 2
+# the dispatch keys below a dispatch mode's: where StorageTracker sends the body of a custom op
+_BELOW_PYTHON = torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.Python)
+
+
+def _tensors(obj) -> list:
+    return [leaf for leaf in tree_leaves(obj) if isinstance(leaf, torch.Tensor)]
 
 
 def _storages(obj) -> list:
     out = []
-    for leaf in tree_leaves(obj):
-        if isinstance(leaf, torch.Tensor):
-            try:
-                out.append(leaf.untyped_storage())
-            except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, wrapper)
-                pass
+    for tensor in _tensors(obj):
+        try:
+            out.append(tensor.untyped_storage())
+        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, wrapper)
+            pass
     return out
 
 
@@ -97,7 +107,12 @@ class StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        if func.namespace in ("aten", "prim", "prims"):
+            out = func(*args, **kwargs)
+        else:  # a custom op: run its body below this mode's dispatch key, with this mode active
+            keys = functools.reduce(operator.or_, map(torch._C._dispatch_keys, _tensors((args, kwargs))))
+            with self:
+                out = func.redispatch(keys & _BELOW_PYTHON, *args, **kwargs)
         inputs = {id(s) for s in _storages((args, kwargs))}
         for st in _storages(out):
             key = id(st)
@@ -179,6 +194,9 @@ def cuda_peak(device=None) -> Iterator[dict]:
         out["live_bytes"] = torch.cuda.memory_allocated(device) - base
 
 
+TRACKERS = {"dispatch": StorageTracker, "profiler": ProfilerTracker}
+
+
 def measure_peak(fn: Callable[[], object], device: torch.device, tracker: str = "dispatch") -> dict:
     """Run `fn()` once and return {"peak_bytes", "live_bytes", "tracker", "seconds"}: peak bytes
     allocated during the call above what existed before it, and the bytes still alive after it (what
@@ -191,17 +209,41 @@ def measure_peak(fn: Callable[[], object], device: torch.device, tracker: str = 
             res = fn()
             del res
         return {**m, "tracker": "cuda_allocator", "seconds": time.perf_counter() - t0}
-    if tracker == "dispatch":
-        tr = StorageTracker(device=device.type)
-        with tr:
-            res = fn()
-            del res
-    elif tracker == "profiler":
-        tr = ProfilerTracker(device=device.type)
-        with tr:
-            res = fn()
-            del res
-    else:
-        raise ValueError(f"tracker: unknown tracker {tracker!r}")
+    if tracker not in TRACKERS:
+        raise ValueError(f"tracker: unknown tracker {tracker!r}; expected one of {tuple(TRACKERS)}")
+    tr = TRACKERS[tracker](device=device.type)
+    with tr:
+        res = fn()
+        del res
     return {"peak_bytes": tr.peak_bytes, "live_bytes": tr.live_bytes, "tracker": tracker,
             "seconds": time.perf_counter() - t0}
+
+
+def measure_memory(fn: Callable, student: torch.Tensor, teacher: torch.Tensor, device: torch.device,
+                   tracker: str = "dispatch") -> dict:
+    """Peak bytes above the inputs of a loss fn(student, teacher), student a leaf that requires grad:
+    of the forward with its graph kept (peak_fwd_bytes; saved_bytes: what the graph keeps), and of
+    forward+backward (peak_step_bytes, the gradient included: it is written during the call;
+    kept_after_step_bytes: what is alive after it, the gradient). student.grad is None on return."""
+    student.grad = None
+    keep = []
+    f = measure_peak(lambda: keep.append(fn(student, teacher)), device, tracker)
+    keep.clear()
+    gc.collect()
+    b = measure_peak(lambda: fn(student, teacher).backward(), device, tracker)
+    student.grad = None
+    return {"peak_fwd_bytes": int(f["peak_bytes"]), "saved_bytes": int(f["live_bytes"]),
+            "peak_step_bytes": int(b["peak_bytes"]), "kept_after_step_bytes": int(b["live_bytes"]),
+            "tracker": b["tracker"]}
+
+
+def mem_available_bytes() -> Optional[int]:
+    """The kernel's MemAvailable (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -1,0 +1,133 @@
+"""The PyTorch row backend: memory-lean, any device (the CPU path and the fallback).
+
+Implements the row contract of `contract.py`. Rows are processed in chunks of about CHUNK_ELEMENTS
+logits (never across a batch row, so each chunk is a plain 2-D view of the caller's tensor), so the
+float32 temporaries (a handful of chunk-sized tensors) stay in the tens of MB whatever N and V are; the
+forward keeps only the row statistics, and the backward writes each chunk of the gradient straight into
+the fresh gradient tensor. Rows whose mask is False are computed with their chunk but stored as exact
+zeros (selecting rows would need their count on the host).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .contract import NUM_STATS, RowCall, Stat, define_row_ops
+
+CHUNK_ELEMENTS = 1 << 21  # 8 MiB per float32 temporary
+_JSD = 2
+
+
+def _chunks(rows_2d: int, length: int, vocab_size: int):
+    """(flat row slice, batch index, position slice) of each chunk of a (B, T, .) row grid."""
+    per_chunk = max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
+    for b in range(rows_2d):
+        for t0 in range(0, length, per_chunk):
+            t1 = min(t0 + per_chunk, length)
+            yield slice(b * length + t0, b * length + t1), b, slice(t0, t1)
+
+
+def _log_probs(logits: torch.Tensor, call: RowCall):
+    """(log p, max z, logsum) of a chunk of rows (R, V*): log_softmax of (z - max z) / tau, so that the
+    scaling by 1 / tau never meets the logits' common offset; logsum = -max(log p) (at the argmax,
+    z = max z and log p = -logsum)."""
+    z = logits[:, :call.vocab_size].to(torch.float32)
+    max_z = z.amax(dim=-1)
+    shifted = z - max_z[:, None]
+    log_p = torch.log_softmax(shifted if call.temperature == 1.0 else shifted.div_(call.temperature), dim=-1)
+    return log_p, max_z, -log_p.amax(dim=-1)
+
+
+def _weighted_log_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor, shift=None) -> torch.Tensor:
+    """p * (log p - log q - shift) elementwise, 0 where p == 0 (a fresh tensor). shift: (R, 1) or None."""
+    out = log_p - log_q
+    if shift is not None:
+        out -= shift
+    out *= p
+    return out.masked_fill_(p == 0, 0.0)
+
+
+def _log_mix(log_ps, log_pt, beta: float):
+    """log((1 - beta) p_s + beta p_t)."""
+    return torch.logaddexp(log_ps + math.log1p(-beta), log_pt + math.log(beta))
+
+
+def row_forward(student, teacher, mask, call: RowCall):
+    """Row statistics (NUM_STATS, N) float32 per the contract."""
+    batch, length = student.shape[:2]
+    stats = torch.empty(NUM_STATS, batch * length, dtype=torch.float32, device=student.device)
+    for rows, b, span in _chunks(batch, length, call.vocab_size):
+        log_ps, max_s, logsum_s = _log_probs(student[b, span], call)
+        log_pt, max_t, logsum_t = _log_probs(teacher[b, span], call)
+        mix_s, mix_t = torch.zeros_like(max_s), torch.zeros_like(max_s)
+        if call.divergence == 0:
+            d = _weighted_log_ratio(log_ps.exp(), log_ps, log_pt).sum(-1)
+        elif call.divergence == 1:
+            d = _weighted_log_ratio(log_pt.exp(), log_pt, log_ps).sum(-1)
+        else:
+            log_m = _log_mix(log_ps, log_pt, call.beta)
+            mix_s = _weighted_log_ratio(log_ps.exp(), log_ps, log_m).sum(-1)
+            mix_t = _weighted_log_ratio(log_pt.exp(), log_pt, log_m).sum(-1)
+            d = call.beta * mix_t + (1 - call.beta) * mix_s
+        values = torch.stack((max_s, logsum_s, max_t, logsum_t, d, mix_s, mix_t))
+        stats[:, rows] = torch.where(mask[rows], values, torch.zeros_like(values))
+    return stats
+
+
+def _log_p(logits: torch.Tensor, max_z: torch.Tensor, logsum: torch.Tensor, call: RowCall) -> torch.Tensor:
+    """log p = (z - max z) / tau - logsum, float32 (R, V)."""
+    shifted = logits[:, :call.vocab_size].to(torch.float32) - max_z[:, None]
+    if call.temperature != 1.0:
+        shifted /= call.temperature
+    return shifted.sub_(logsum[:, None])
+
+
+def _row_gradients(log_ps, log_pt, stats, call: RowCall, want_teacher: bool):
+    """dd/da_s and dd/da_t (None unless want_teacher) for a chunk of rows, float32 (R, V)."""
+    ps, pt = log_ps.exp(), log_pt.exp()
+    d = stats[Stat.KL][:, None]
+    grad_t = None
+    if call.divergence == 0:
+        grad_s = _weighted_log_ratio(ps, log_ps, log_pt, d)
+        if want_teacher:
+            grad_t = pt - ps
+    elif call.divergence == 1:
+        grad_s = ps - pt
+        if want_teacher:
+            grad_t = _weighted_log_ratio(pt, log_pt, log_ps, d)
+    else:
+        log_m = _log_mix(log_ps, log_pt, call.beta)
+        grad_s = _weighted_log_ratio(ps, log_ps, log_m, stats[Stat.MIX_S][:, None]).mul_(1 - call.beta)
+        if want_teacher:
+            grad_t = _weighted_log_ratio(pt, log_pt, log_m, stats[Stat.MIX_T][:, None]).mul_(call.beta)
+    return grad_s, grad_t
+
+
+def _store(out: torch.Tensor, rows: slice, vocab_size: int, grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """out[rows, :V] = scale * grad (exact 0 where scale == 0), out[rows, V:] = 0. Overwrites grad."""
+    scale = scale[:, None]
+    out[rows, :vocab_size] = grad.mul_(scale).masked_fill_(scale == 0, 0.0)
+    out[rows, vocab_size:] = 0
+
+
+def row_backward(student, teacher, stats, coef, call: RowCall, want_teacher: bool):
+    """(grad_student, grad_teacher) per the contract: coef * dd/dz, fresh and contiguous."""
+    batch, length = student.shape[:2]
+    grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    grad_teacher = torch.empty(teacher.shape if want_teacher else (0,), dtype=teacher.dtype, device=teacher.device)
+    flat_s = grad_student.view(batch * length, student.shape[-1])
+    flat_t = grad_teacher.view(batch * length, teacher.shape[-1]) if want_teacher else None
+    for rows, b, span in _chunks(batch, length, call.vocab_size):
+        st = stats[:, rows]
+        log_ps = _log_p(student[b, span], st[Stat.MAX_S], st[Stat.LOGSUM_S], call)
+        log_pt = _log_p(teacher[b, span], st[Stat.MAX_T], st[Stat.LOGSUM_T], call)
+        grad_s, grad_t = _row_gradients(log_ps, log_pt, st, call, want_teacher)
+        scale = coef[rows] / call.temperature
+        _store(flat_s, rows, call.vocab_size, grad_s, scale)
+        if want_teacher:
+            _store(flat_t, rows, call.vocab_size, grad_t, scale)
+    return grad_student, grad_teacher
+
+
+OPS = define_row_ops("torch", row_forward, row_backward)

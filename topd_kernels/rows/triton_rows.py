@@ -1,0 +1,504 @@
+"""Triton row backend: `row_forward` / `row_backward` of the row contract (`contract.py`), registered as the
+ops `topd::triton_row_forward` / `topd::triton_row_backward` (`OPS`).
+
+One Triton program handles one row (one token position) and streams over its vocabulary in blocks of
+BLOCK_V columns. Nothing of size N x V is ever allocated besides the gradients.
+
+Rows are read in place from (B, T, V) views: program i is the row (b, t) = divmod(i, T), which starts at
+b * stride_batch + t * stride_position (int64 arithmetic: the offsets pass 2^31 for N = 16384,
+V = 151936), separately for student and teacher; the last dimension has stride 1 (the contract). Inputs
+may be float32 / bfloat16 / float16 (student and teacher independently) with different last-dim sizes;
+only the first `vocab_size` columns are read. Every load is converted to float32 at once (bf16
+arithmetic is wrong under the Triton interpreter, and float32 is what we want on the GPU anyway).
+
+Block size / warps: a fixed default chosen from the vocabulary size (`_launch_config`). Two environment
+switches, read once at import: TOPD_TRITON_BLOCK_V (a power of two >= 16) overrides the block size
+(`BLOCK_V_OVERRIDE`; tests monkeypatch the constant to force many blocks per row); TOPD_TRITON_AUTOTUNE=1
+autotunes over a small config set on a GPU (`AUTOTUNE`; never under the interpreter, where one big block
+per row keeps the tests fast).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+from triton.runtime.autotuner import Autotuner
+
+from ..config import DIVERGENCE_CODES
+from .contract import NUM_STATS, RowCall, Stat, define_row_ops
+
+__all__ = ["row_forward", "row_backward", "OPS", "INTERPRETED", "BLOCK_V_OVERRIDE", "AUTOTUNE"]
+
+# The divergence selects code inside the kernels (a constexpr); the codes are the contract's.
+_REVERSE_KL: tl.constexpr = tl.constexpr(DIVERGENCE_CODES["reverse_kl"])
+_FORWARD_KL: tl.constexpr = tl.constexpr(DIVERGENCE_CODES["forward_kl"])
+_JSD: tl.constexpr = tl.constexpr(DIVERGENCE_CODES["jsd"])
+# Rows of the (NUM_STATS, N) statistics tensor (contract.Stat).
+_MAX_S: tl.constexpr = tl.constexpr(int(Stat.MAX_S))
+_LOGSUM_S: tl.constexpr = tl.constexpr(int(Stat.LOGSUM_S))
+_MAX_T: tl.constexpr = tl.constexpr(int(Stat.MAX_T))
+_LOGSUM_T: tl.constexpr = tl.constexpr(int(Stat.LOGSUM_T))
+_KL: tl.constexpr = tl.constexpr(int(Stat.KL))
+_MIX_S: tl.constexpr = tl.constexpr(int(Stat.MIX_S))
+_MIX_T: tl.constexpr = tl.constexpr(int(Stat.MIX_T))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------
+# Notation for one row: a_s = z_s / tau, a_t = z_t / tau over v < V; log p_x = a_x - log sum_v exp(a_x).
+#
+# Online log-sum-exp (per model x in {s, t}). After the blocks seen so far we hold the running max
+# M_x (of a_x; kept as the max of the raw logits z_x, M_x = max z_x / tau) and the running sum
+# L_x = sum_v exp(a_x - M_x). A new block with maximum b raises the max to M'_x = max(M_x, b); the old
+# sum is rescaled by alpha_x = exp(M_x - M'_x) and the block adds sum exp(a_x - M'_x). (While M_x is
+# still -inf -- every entry so far -inf -- L_x = 0 and alpha_x is taken as 1; entries at -inf add
+# exp(-inf) = 0, written with tl.where so that -inf - -inf never reaches a sum.)
+# Stored (contract.Stat): MAX_x = max z_x (the raw logits) and LOGSUM_x = log L_x, so that
+#     log p_x = (z_x - MAX_x) / tau - LOGSUM_x.
+#
+# Reverse KL, one pass. With e_v = exp(a_s - M_s) and shifted log-weights l_s = a_s - M_s,
+# l_t = a_t - M_t, keep the cross term
+#     X = sum_v e_v (l_s - l_t)        (relative to the *current* maxes M_s, M_t)
+# Then, since log p_s - log p_t = (l_s - log L_s) - (l_t - log L_t) and sum_v p_s = 1,
+#     d = sum_v p_s (log p_s - log p_t) = X / L_s - log L_s + log L_t.
+# When the maxes move to M'_s, M'_t, each e_v is multiplied by alpha_s and each (l_s - l_t) is shifted
+# by -((M'_s - M_s) - (M'_t - M_t)), so
+#     X' = alpha_s * (X + L_s * ((M_s - M_t) - (M'_s - M'_t))) + sum_block e'_v (l'_s - l'_t).
+# Working with shifted log-weights (not raw a_s - a_t) keeps the cancellation in X / L_s - log L_s +
+# log L_t at the size of the log-probabilities instead of the size of the logits.
+# Terms with p_s = 0 (a_s = -inf) contribute 0 (tl.where, never 0 * inf). A position with p_s > 0 and
+# p_t = 0 makes the divergence +inf: it is flagged (b_inf_hit) and left out of X, and d = +inf.
+#
+# Forward KL, one pass: the mirror image, X = sum_v exp(a_t - M_t) (l_t - l_s), rescaled by alpha_t,
+#     d = X / L_t - log L_t + log L_s,  +inf when p_t > 0 where p_s = 0.
+#
+# JSD, two passes. mix = (1 - beta) p_s + beta p_t needs the *normalised* probabilities, and
+# log mix = log((1-beta) exp(a_s - lse_s) + beta exp(a_t - lse_t)) does not factor into a running
+# quantity that can be rescaled when lse_s and lse_t move independently (the ratio of the two
+# normalisers changes the shape of the mixture inside the log). So pass 1 computes MAX_x and LOGSUM_x
+# with the online log-sum-exp, and pass 2 re-reads the row (mostly from L2 on a GPU) and accumulates
+#     K_s = sum_v p_s (log p_s - log mix),  K_t = sum_v p_t (log p_t - log mix),
+#     d = beta K_t + (1 - beta) K_s,  stored as KL, MIX_S = K_s and MIX_T = K_t,
+# with log mix = logaddexp(log(1-beta) + log p_s, log(beta) + log p_t), evaluated as
+# hi + log(1 + exp(lo - hi)) and -inf when both are -inf; p * (...) with p = 0 is 0.
+#
+# Precision. The maxima are tracked on the raw logits z (dividing by tau > 0 keeps the order) and only
+# shifted differences are scaled: l = (z - max z) * (1/tau). The rounding of the scaling (and of 1/tau
+# itself) is then relative to the size of the log-probabilities, not to the size of the logits, which
+# keeps d, LOGSUM and the backward's log p = (z - MAX) / tau - LOGSUM as accurate as a plain float32
+# log_softmax whatever the common offset of the logits (z ~ 1e4 included): no quantity of the size of
+# max z / tau is ever formed.
+#
+# Masked rows (mask[i] False) read nothing (the block loops run up to 0 instead of vocab_size) and store
+# exact zeros in every statistic.
+@triton.jit
+def _kl_cross_step(b_cross, b_inf_hit, b_z_p, b_z_q, b_e_p, b_l_p, b_l_q, b_sum_p, b_alpha_p, b_max_moves,
+                   b_max_q, m_col, inv_temperature):
+    """One block of KL(p || q)'s cross term X = sum_v e_p (l_p - l_q) (reverse KL: p = s, q = t; forward
+    KL: p = t, q = s), rescaled to the new maxima as derived above. b_max_moves = (M_p - M'_p) - (M_q - M'_q)
+    on the raw logits; b_max_q is q's maximum before this block. Returns (X', inf_hit'): entries with
+    p > 0 = q set inf_hit (d = +inf) and stay out of X; entries with p = 0 add nothing."""
+    neg_inf = float("-inf")
+    m_hit = (b_z_p > neg_inf) & (b_z_q == neg_inf) & m_col
+    b_inf_hit = tl.maximum(b_inf_hit, tl.max(tl.where(m_hit, 1.0, 0.0), axis=0))
+    b_term = tl.where((b_z_p > neg_inf) & (b_z_q > neg_inf), b_e_p * (b_l_p - b_l_q), 0.0)
+    b_corr = tl.where((b_sum_p > 0) & (b_max_q > neg_inf), b_sum_p * (b_max_moves * inv_temperature), 0.0)
+    return b_alpha_p * (b_cross + b_corr) + tl.sum(b_term, axis=0), b_inf_hit
+
+
+@triton.jit
+def _row_forward_kernel(
+    p_student,  # *fp32/bf16/fp16: student logits (B, T, Vs); row (b, t) at b * stride_student_b + t * stride_student_t
+    p_teacher,  # *fp32/bf16/fp16: teacher logits (B, T, Vt); row (b, t) at b * stride_teacher_b + t * stride_teacher_t
+    p_mask,  # *u8 (N,): the row mask (bool viewed as uint8); entry i at i * stride_mask
+    p_stats,  # *fp32 (NUM_STATS, N) output, rows contract.Stat; (k, i) at k * stride_stats_k + i * stride_stats_n
+    stride_student_b,  # int: elements between consecutive batch entries of the student
+    stride_student_t,  # int: elements between consecutive positions of the student (last dim has stride 1)
+    stride_teacher_b,  # int: elements between consecutive batch entries of the teacher
+    stride_teacher_t,  # int: elements between consecutive positions of the teacher (last dim has stride 1)
+    length,  # int: T, positions per batch entry (row i is (i // T, i % T))
+    stride_mask,  # int: elements between consecutive mask entries
+    stride_stats_k,  # int: elements between the NUM_STATS stats rows
+    stride_stats_n,  # int: elements between consecutive entries of a stats row
+    vocab_size,  # int: V, the number of columns read from each row (<= both last dims)
+    inv_temperature,  # fp32: 1 / tau
+    beta,  # fp32: jsd mixture weight of the teacher (unused otherwise)
+    log_one_minus_beta,  # fp32: log(1 - beta) (jsd only)
+    log_beta,  # fp32: log(beta) (jsd only)
+    DIVERGENCE: tl.constexpr,  # config.DIVERGENCE_CODES: 0 reverse_kl, 1 forward_kl, 2 jsd (selects code)
+    BLOCK_V: tl.constexpr,  # columns per block (power of two)
+):
+    i_n = tl.program_id(0).to(tl.int64)  # row index; int64 so that the row offsets cannot overflow
+    i_b = i_n // length  # batch entry of the row
+    i_t = i_n % length  # position of the row
+    p_s_row = p_student + i_b * stride_student_b + i_t * stride_student_t
+    p_t_row = p_teacher + i_b * stride_teacher_b + i_t * stride_teacher_t
+    o_v = tl.arange(0, BLOCK_V)
+
+    b_valid = tl.load(p_mask + i_n * stride_mask) != 0
+    b_end = tl.where(b_valid, vocab_size, 0)  # columns read: none on a masked row
+
+    neg_inf = float("-inf")
+    # Maxima of the raw logits; only shifted differences are scaled by 1/tau (see "Precision" above).
+    b_max_s = tl.full((), neg_inf, tl.float32)  # running max of z_s (M_s = b_max_s / tau)
+    b_max_t = tl.full((), neg_inf, tl.float32)  # running max of z_t (M_t = b_max_t / tau)
+    b_sum_s = tl.zeros((), tl.float32)  # running L_s = sum exp(a_s - M_s)
+    b_sum_t = tl.zeros((), tl.float32)  # running L_t = sum exp(a_t - M_t)
+    b_cross = tl.zeros((), tl.float32)  # running cross term X (reverse / forward KL)
+    b_inf_hit = tl.zeros((), tl.float32)  # 1 when some p_x > 0 meets p_other = 0 (d = +inf)
+
+    for v0 in tl.range(0, b_end, BLOCK_V):
+        o_col = v0 + o_v
+        m_col = o_col < vocab_size
+        b_z_s = tl.load(p_s_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
+        b_z_t = tl.load(p_t_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
+
+        b_new_max_s = tl.maximum(b_max_s, tl.max(b_z_s, axis=0))
+        b_new_max_t = tl.maximum(b_max_t, tl.max(b_z_t, axis=0))
+        # alpha = exp(M - M'); 1 while the max is still -inf (the sums are 0 then)
+        b_alpha_s = tl.where(b_new_max_s == neg_inf, 1.0, tl.exp((b_max_s - b_new_max_s) * inv_temperature))
+        b_alpha_t = tl.where(b_new_max_t == neg_inf, 1.0, tl.exp((b_max_t - b_new_max_t) * inv_temperature))
+        b_l_s = (b_z_s - b_new_max_s) * inv_temperature  # shifted log-weights a - M' (-inf where z = -inf)
+        b_l_t = (b_z_t - b_new_max_t) * inv_temperature
+        b_e_s = tl.where(b_z_s == neg_inf, 0.0, tl.exp(b_l_s))
+        b_e_t = tl.where(b_z_t == neg_inf, 0.0, tl.exp(b_l_t))
+        if DIVERGENCE == _REVERSE_KL:
+            b_cross, b_inf_hit = _kl_cross_step(b_cross, b_inf_hit, b_z_s, b_z_t, b_e_s, b_l_s, b_l_t, b_sum_s,
+                                                b_alpha_s, (b_max_s - b_new_max_s) - (b_max_t - b_new_max_t),
+                                                b_max_t, m_col, inv_temperature)
+        elif DIVERGENCE == _FORWARD_KL:
+            b_cross, b_inf_hit = _kl_cross_step(b_cross, b_inf_hit, b_z_t, b_z_s, b_e_t, b_l_t, b_l_s, b_sum_t,
+                                                b_alpha_t, (b_max_t - b_new_max_t) - (b_max_s - b_new_max_s),
+                                                b_max_s, m_col, inv_temperature)
+
+        b_sum_s = b_alpha_s * b_sum_s + tl.sum(b_e_s, axis=0)
+        b_sum_t = b_alpha_t * b_sum_t + tl.sum(b_e_t, axis=0)
+        b_max_s = b_new_max_s
+        b_max_t = b_new_max_t
+
+    b_log_sum_s = tl.log(b_sum_s)  # LOGSUM_S = log L_s
+    b_log_sum_t = tl.log(b_sum_t)  # LOGSUM_T = log L_t
+    b_mix_s = tl.zeros((), tl.float32)
+    b_mix_t = tl.zeros((), tl.float32)
+
+    if DIVERGENCE == _REVERSE_KL:
+        b_d = b_cross / b_sum_s - b_log_sum_s + b_log_sum_t
+        b_d = tl.where(b_inf_hit > 0, float("inf"), b_d)
+    elif DIVERGENCE == _FORWARD_KL:
+        b_d = b_cross / b_sum_t - b_log_sum_t + b_log_sum_s
+        b_d = tl.where(b_inf_hit > 0, float("inf"), b_d)
+    else:
+        # JSD pass 2: needs the final normalisers (see the derivation above).
+        # log p = (z - max z) / tau - log L, relative to the row maximum.
+        for v0 in tl.range(0, b_end, BLOCK_V):
+            o_col = v0 + o_v
+            m_col = o_col < vocab_size
+            b_z_s = tl.load(p_s_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
+            b_z_t = tl.load(p_t_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
+            b_lp_s = (b_z_s - b_max_s) * inv_temperature - b_log_sum_s
+            b_lp_t = (b_z_t - b_max_t) * inv_temperature - b_log_sum_t
+            b_p_s = tl.where(b_z_s == neg_inf, 0.0, tl.exp(b_lp_s))
+            b_p_t = tl.where(b_z_t == neg_inf, 0.0, tl.exp(b_lp_t))
+            b_x_s = b_lp_s + log_one_minus_beta
+            b_x_t = b_lp_t + log_beta
+            b_hi = tl.maximum(b_x_s, b_x_t)
+            b_lo = tl.minimum(b_x_s, b_x_t)
+            b_log_mix = tl.where(b_hi == neg_inf, neg_inf, b_hi + tl.log(1.0 + tl.exp(b_lo - b_hi)))
+            b_mix_s += tl.sum(tl.where(b_p_s > 0, b_p_s * (b_lp_s - b_log_mix), 0.0), axis=0)  # K_s
+            b_mix_t += tl.sum(tl.where(b_p_t > 0, b_p_t * (b_lp_t - b_log_mix), 0.0), axis=0)  # K_t
+        b_d = beta * b_mix_t + (1.0 - beta) * b_mix_s
+
+    # Masked rows: exact zeros (their loops ran no step: -inf maxima, NaN sums, all replaced here).
+    p_out = p_stats + i_n * stride_stats_n
+    tl.store(p_out + _MAX_S * stride_stats_k, tl.where(b_valid, b_max_s, 0.0))
+    tl.store(p_out + _LOGSUM_S * stride_stats_k, tl.where(b_valid, b_log_sum_s, 0.0))
+    tl.store(p_out + _MAX_T * stride_stats_k, tl.where(b_valid, b_max_t, 0.0))
+    tl.store(p_out + _LOGSUM_T * stride_stats_k, tl.where(b_valid, b_log_sum_t, 0.0))
+    tl.store(p_out + _KL * stride_stats_k, tl.where(b_valid, b_d, 0.0))
+    tl.store(p_out + _MIX_S * stride_stats_k, tl.where(b_valid, b_mix_s, 0.0))
+    tl.store(p_out + _MIX_T * stride_stats_k, tl.where(b_valid, b_mix_t, 0.0))
+
+
+@triton.jit
+def _to_output(b_x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Cast float32 b_x to the output dtype. SOFT_BF16 (the interpreter only, whose fp32 -> bf16 cast
+    truncates): round to nearest even by hand on the bits, as the GPU's cvt.rn.bf16.f32 does."""
+    if SOFT_BF16 and DTYPE == tl.bfloat16:
+        b_bits = b_x.to(tl.uint32, bitcast=True)
+        b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) >> 16
+        b_bits = tl.where(b_x != b_x, 0x7FC0, b_bits)  # keep NaN a NaN
+        return b_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return b_x.to(DTYPE)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------
+# Per row we write g_s = coef * dd/dz_s (and g_t = coef * dd/dz_t) = coef / tau * dd/da, with the
+# formulas of contract.py ("Gradients": the one derivation). The probabilities are recomputed from the
+# forward's statistics, relative to the row maximum (see "Precision" above; no second reduction):
+#     log p_x = (z_x - MAX_x) / tau - LOGSUM_x,
+#     reverse_kl  dd/da_s = p_s (log p_s - log p_t - d),             dd/da_t = p_t - p_s
+#     forward_kl  dd/da_s = p_s - p_t,                               dd/da_t = p_t (log p_t - log p_s - d)
+#     jsd         dd/da_s = (1-beta) p_s (log p_s - log mix - K_s),  dd/da_t = beta p_t (log p_t - log mix - K_t)
+# with d = KL, K_s = MIX_S and K_t = MIX_T read from the statistics (K_t is its own statistic: recovering
+# it from d and K_s would cancel for small beta).
+# Every p * (...) with p = 0 is written as 0 with tl.where (an entry at -inf contributes nothing).
+# Rows with coef == 0 skip the loads and store exact zeros (tl.where, never NaN * 0); columns
+# >= vocab_size of each gradient are stored as zeros. The gradients are contiguous: row i at i * width.
+@triton.jit
+def _row_backward_kernel(
+    p_student,  # *fp32/bf16/fp16: student logits (B, T, Vs); row (b, t) at b * stride_student_b + t * stride_student_t
+    p_teacher,  # *fp32/bf16/fp16: teacher logits (B, T, Vt); row (b, t) at b * stride_teacher_b + t * stride_teacher_t
+    p_stats,  # *fp32 (NUM_STATS, N) from row_forward (contract.Stat); (k, i) at k * stride_stats_k + i * stride_stats_n
+    p_coef,  # *fp32 (N,): per-row multiplier; entry i at i * stride_coef
+    p_grad_student,  # *dtype of student, contiguous (N, width_student) output
+    p_grad_teacher,  # *dtype of teacher, contiguous (N, width_teacher) output (unused unless HAS_GRAD_TEACHER)
+    stride_student_b,  # int: elements between consecutive batch entries of the student
+    stride_student_t,  # int: elements between consecutive positions of the student (last dim has stride 1)
+    stride_teacher_b,  # int: elements between consecutive batch entries of the teacher
+    stride_teacher_t,  # int: elements between consecutive positions of the teacher (last dim has stride 1)
+    length,  # int: T, positions per batch entry (row i is (i // T, i % T))
+    stride_stats_k,  # int: elements between the NUM_STATS stats rows
+    stride_stats_n,  # int: elements between consecutive entries of a stats row
+    stride_coef,  # int: elements between consecutive coef entries
+    width_student,  # int: Vs, last dim of student and grad_student (columns >= vocab_size are zero-filled)
+    width_teacher,  # int: Vt, last dim of teacher and grad_teacher
+    vocab_size,  # int: V, columns that carry gradient
+    inv_temperature,  # fp32: 1 / tau
+    beta,  # fp32: jsd mixture weight of the teacher (unused otherwise)
+    log_one_minus_beta,  # fp32: log(1 - beta) (jsd only)
+    log_beta,  # fp32: log(beta) (jsd only)
+    DIVERGENCE: tl.constexpr,  # config.DIVERGENCE_CODES: 0 reverse_kl, 1 forward_kl, 2 jsd (selects code)
+    HAS_GRAD_TEACHER: tl.constexpr,  # whether to write the teacher gradient (selects code)
+    SOFT_BF16: tl.constexpr,  # round fp32 -> bf16 by hand (True only under the interpreter, which truncates)
+    BLOCK_V: tl.constexpr,  # columns per block (power of two)
+):
+    i_n = tl.program_id(0).to(tl.int64)  # row index; int64 offsets
+    i_b = i_n // length  # batch entry of the row
+    i_t = i_n % length  # position of the row
+    p_s_row = p_student + i_b * stride_student_b + i_t * stride_student_t
+    p_t_row = p_teacher + i_b * stride_teacher_b + i_t * stride_teacher_t
+    p_gs_row = p_grad_student + i_n * width_student
+    p_gt_row = p_grad_teacher + i_n * width_teacher
+    o_v = tl.arange(0, BLOCK_V)
+    neg_inf = float("-inf")
+
+    b_coef = tl.load(p_coef + i_n * stride_coef)
+    b_live = b_coef != 0.0  # rows with coef == 0 read nothing and write exact zeros
+    b_load_end = tl.where(b_live, vocab_size, 0)  # columns < b_load_end are read (none when coef == 0)
+    p_st = p_stats + i_n * stride_stats_n
+    b_max_s = tl.load(p_st + _MAX_S * stride_stats_k)
+    b_log_sum_s = tl.load(p_st + _LOGSUM_S * stride_stats_k)
+    b_max_t = tl.load(p_st + _MAX_T * stride_stats_k)
+    b_log_sum_t = tl.load(p_st + _LOGSUM_T * stride_stats_k)
+    b_d = tl.load(p_st + _KL * stride_stats_k)
+    b_k_s = tl.load(p_st + _MIX_S * stride_stats_k)  # jsd: K_s = KL(p_s || mix)
+    b_k_t = tl.load(p_st + _MIX_T * stride_stats_k)  # jsd: K_t = KL(p_t || mix)
+    b_scale = b_coef * inv_temperature  # coef * d a / d z
+
+    for v0 in tl.range(0, vocab_size, BLOCK_V):
+        o_col = v0 + o_v
+        m_col = o_col < vocab_size
+        m_load = o_col < b_load_end
+        b_z_s = tl.load(p_s_row + o_col, mask=m_load, other=neg_inf).to(tl.float32)
+        b_z_t = tl.load(p_t_row + o_col, mask=m_load, other=neg_inf).to(tl.float32)
+        b_lp_s = (b_z_s - b_max_s) * inv_temperature - b_log_sum_s
+        b_lp_t = (b_z_t - b_max_t) * inv_temperature - b_log_sum_t
+        b_p_s = tl.exp(b_lp_s)
+        b_p_t = tl.exp(b_lp_t)
+        if DIVERGENCE == _REVERSE_KL:
+            b_g_s = tl.where(b_p_s > 0, b_p_s * (b_lp_s - b_lp_t - b_d), 0.0)
+            b_g_t = b_p_t - b_p_s
+        elif DIVERGENCE == _FORWARD_KL:
+            b_g_s = b_p_s - b_p_t
+            b_g_t = tl.where(b_p_t > 0, b_p_t * (b_lp_t - b_lp_s - b_d), 0.0)
+        else:
+            b_x_s = b_lp_s + log_one_minus_beta
+            b_x_t = b_lp_t + log_beta
+            b_hi = tl.maximum(b_x_s, b_x_t)
+            b_lo = tl.minimum(b_x_s, b_x_t)
+            b_log_mix = tl.where(b_hi == neg_inf, neg_inf, b_hi + tl.log(1.0 + tl.exp(b_lo - b_hi)))
+            b_g_s = tl.where(b_p_s > 0, (1.0 - beta) * b_p_s * (b_lp_s - b_log_mix - b_k_s), 0.0)
+            b_g_t = tl.where(b_p_t > 0, beta * b_p_t * (b_lp_t - b_log_mix - b_k_t), 0.0)
+        b_g_s = tl.where(b_live, b_scale * b_g_s, 0.0)
+        tl.store(p_gs_row + o_col, _to_output(b_g_s, p_grad_student.dtype.element_ty, SOFT_BF16), mask=m_col)
+        if HAS_GRAD_TEACHER:
+            b_g_t = tl.where(b_live, b_scale * b_g_t, 0.0)
+            tl.store(p_gt_row + o_col, _to_output(b_g_t, p_grad_teacher.dtype.element_ty, SOFT_BF16), mask=m_col)
+
+    # Padding columns [vocab_size, width) get no gradient.
+    b_zero = tl.zeros((BLOCK_V,), tl.float32)
+    for v0 in tl.range(vocab_size, width_student, BLOCK_V):
+        o_col = v0 + o_v
+        m_col = o_col < width_student
+        tl.store(p_gs_row + o_col, b_zero.to(p_grad_student.dtype.element_ty), mask=m_col)
+    if HAS_GRAD_TEACHER:
+        for v0 in tl.range(vocab_size, width_teacher, BLOCK_V):
+            o_col = v0 + o_v
+            m_col = o_col < width_teacher
+            tl.store(p_gt_row + o_col, b_zero.to(p_grad_teacher.dtype.element_ty), mask=m_col)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------------------------------
+# Whether the kernels were decorated under TRITON_INTERPRET=1 (decided when this module imported): the
+# one place the interpreter is detected (the registry asks it too).
+INTERPRETED: bool = type(_row_forward_kernel).__name__ == "InterpretedFunction"
+
+
+def _parse_block(raw: Optional[str]) -> Optional[int]:
+    """TOPD_TRITON_BLOCK_V: None when unset or empty, else a power of two >= 16."""
+    if not raw:
+        return None
+    try:
+        block = int(raw)
+    except ValueError:
+        block = 0
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"TOPD_TRITON_BLOCK_V must be a power of two >= 16, got {raw!r}")
+    return block
+
+
+# Environment switches, read once at import (tests monkeypatch these constants).
+BLOCK_V_OVERRIDE: Optional[int] = _parse_block(os.environ.get("TOPD_TRITON_BLOCK_V"))
+AUTOTUNE: bool = os.environ.get("TOPD_TRITON_AUTOTUNE", "0") == "1"
+
+
+def _launch_config(vocab_size: int, interpreted: bool = INTERPRETED, backward: bool = False) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): a fixed default per vocabulary range, or BLOCK_V_OVERRIDE.
+
+    On a GPU: up to 4096 columns per block (forward: two fp32 rows of 4096 in registers; the backward
+    holds more live values per column, so it stops at 4096 with 8 warps too). Under the interpreter the
+    cost is per block step, so use one block per row up to 32768 columns.
+    """
+    override = BLOCK_V_OVERRIDE
+    full = triton.next_power_of_2(max(int(vocab_size), 16))
+    if interpreted:
+        return (override or min(full, 32768)), 4
+    block = override or min(full, 4096)
+    if block >= 4096:
+        warps = 8
+    elif block >= 1024:
+        warps = 4
+    else:
+        warps = 2
+    return block, warps
+
+
+def _use_autotune(interpreted: bool = INTERPRETED) -> bool:
+    """AUTOTUNE, on a GPU only (the interpreter cannot benchmark)."""
+    return AUTOTUNE and not interpreted
+
+
+_AUTOTUNED: dict = {}
+
+
+def _autotuned(kernel):
+    """An autotuned wrapper of `kernel` (built lazily, only when autotuning on a GPU)."""
+    if kernel not in _AUTOTUNED:
+        configs = [
+            triton.Config({"BLOCK_V": block}, num_warps=warps)
+            for block in (1024, 2048, 4096, 8192)
+            for warps in (4, 8, 16)
+            if not (block == 1024 and warps == 16)
+        ]
+        # Keys: vocab_size and the divergence; argument dtypes are part of the autotuner key already.
+        key = ["vocab_size", "DIVERGENCE"] + (["HAS_GRAD_TEACHER"] if kernel is _row_backward_kernel else [])
+        _AUTOTUNED[kernel] = triton.autotune(configs=configs, key=key)(kernel)
+    return _AUTOTUNED[kernel]
+
+
+def _kernel(kernel):
+    """`kernel`, or its autotuned wrapper when autotuning (on a GPU)."""
+    return _autotuned(kernel) if _use_autotune() else kernel
+
+
+def _launch_options(kernel, vocab_size: int) -> dict:
+    """BLOCK_V and num_warps of a launch of `kernel` (from `_kernel`); none when autotuned."""
+    if isinstance(kernel, Autotuner):
+        return {}
+    block, warps = _launch_config(vocab_size, backward=kernel is _row_backward_kernel)
+    return {"BLOCK_V": block, "num_warps": warps}
+
+
+def _on_device(x: torch.Tensor):
+    """Launch context: the tensors' CUDA device (kernels launch on the current device); none on the CPU."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _scalars(call: RowCall) -> tuple:
+    """(vocab_size, 1 / tau, beta, log(1 - beta), log(beta)): the kernels' scalar arguments."""
+    if call.divergence == DIVERGENCE_CODES["jsd"]:
+        log_1mb, log_b = math.log1p(-call.beta), math.log(call.beta)
+    else:
+        log_1mb, log_b = 0.0, 0.0  # unused by the kernels
+    return call.vocab_size, 1.0 / call.temperature, call.beta, log_1mb, log_b
+
+
+def _row_strides(x: torch.Tensor) -> tuple:
+    """(stride over the batch, stride over positions) of a (B, T, V) row tensor."""
+    return x.stride(0), x.stride(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The row contract (contract.py)
+# ---------------------------------------------------------------------------------------------------
+def row_forward(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, call: RowCall) -> torch.Tensor:
+    """Row statistics (NUM_STATS, N) float32 per the contract; exact zeros on rows whose mask is False."""
+    batch, length = student.shape[:2]
+    n = batch * length
+    stats = torch.empty((NUM_STATS, n), dtype=torch.float32, device=student.device)
+    if n == 0:
+        return stats
+    mask_u8 = mask.view(torch.uint8)  # bool loads as bytes, the same on every Triton version
+    args = (
+        student, teacher, mask_u8, stats,
+        *_row_strides(student), *_row_strides(teacher), length,
+        mask_u8.stride(0), stats.stride(0), stats.stride(1),
+        *_scalars(call),
+    )
+    # Launched through wrap_triton (a compiler tracing the op sees the kernel); `kernel` is assigned from the
+    # kernel's global name so that torch.library.triton_op finds it in this source (its cache key).
+    kernel = _kernel(_row_forward_kernel)
+    with _on_device(student):
+        wrap_triton(kernel)[(n,)](*args, DIVERGENCE=call.divergence, **_launch_options(kernel, call.vocab_size))
+    return stats
+
+
+def row_backward(student: torch.Tensor, teacher: torch.Tensor, stats: torch.Tensor, coef: torch.Tensor,
+                 call: RowCall, want_teacher: bool):
+    """(grad_student, grad_teacher): coef * dd/dz per the contract, fresh and contiguous; grad_teacher is
+    an empty (0,) tensor unless want_teacher."""
+    batch, length = student.shape[:2]
+    n = batch * length
+    grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    grad_teacher = torch.empty(teacher.shape if want_teacher else (0,), dtype=teacher.dtype, device=teacher.device)
+    if n == 0:
+        return grad_student, grad_teacher
+    args = (
+        # Without a teacher gradient its pointer is the student's (never written): no null pointer reaches
+        # the launcher.
+        student, teacher, stats, coef, grad_student, grad_teacher if want_teacher else grad_student,
+        *_row_strides(student), *_row_strides(teacher), length,
+        stats.stride(0), stats.stride(1), coef.stride(0),
+        student.shape[-1], teacher.shape[-1],
+        *_scalars(call),
+    )
+    kernel = _kernel(_row_backward_kernel)  # launched as in row_forward
+    with _on_device(student):
+        wrap_triton(kernel)[(n,)](*args, DIVERGENCE=call.divergence, HAS_GRAD_TEACHER=bool(want_teacher),
+                                  SOFT_BF16=INTERPRETED, **_launch_options(kernel, call.vocab_size))
+    return grad_student, grad_teacher
+
+
+OPS = define_row_ops("triton", row_forward, row_backward, triton=True)
