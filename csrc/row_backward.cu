@@ -5,7 +5,9 @@
 // Kernel layout: grid (rows, column chunks), one block of kThreads threads per (row, chunk). For the
 // usual large N there is one chunk per row (whole row per block); small N splits the row over several
 // blocks so that the GPU stays busy. Each thread handles kVec consecutive columns per step with 16-byte
-// loads/stores when every row start is 16-byte aligned, else a scalar path; tails are scalar.
+// loads/stores when every row start (of the inputs and of the gradients) is 16-byte aligned, else a
+// scalar path; tails are scalar. Gradient rows are addressed like input rows: (b, t) through their own
+// strides, so the gradients may be views such as the rows of a longer tensor's gradient.
 #include "row_backward.h"
 #include "row_backward_math.cuh"
 
@@ -53,6 +55,29 @@ bool stride_aligned16(int64_t size, int64_t stride, int64_t esize) {
     return size <= 1 || (stride * esize) % 16 == 0;
 }
 
+// Every row (b, t) of a (batch, length, .) tensor at `base` starts 16-byte aligned.
+bool rows_aligned16(const BackwardCall& c, uintptr_t base, int64_t stride_b, int64_t stride_t, int64_t esize) {
+    return base % 16 == 0 && stride_aligned16(c.batch, stride_b, esize) && stride_aligned16(c.length, stride_t, esize);
+}
+
+// No two rows of a (batch, length, width) tensor with these (non-negative) strides share an element: the
+// dims that step, taken by increasing stride, each step past everything the dims inside them span (any
+// order: a transposed (T, B) layout is fine).
+bool rows_disjoint(int64_t batch, int64_t length, int64_t width, int64_t stride_b, int64_t stride_t) {
+    if (batch == 0 || length == 0) return true;   // no rows
+    int64_t inner_stride = stride_t, inner_size = length, outer_stride = stride_b, outer_size = batch;
+    if (length <= 1 || (batch > 1 && stride_b < stride_t)) {
+        inner_stride = stride_b, inner_size = batch, outer_stride = stride_t, outer_size = length;
+    }
+    int64_t extent = width;   // elements spanned by one row
+    if (inner_size > 1) {
+        if (inner_stride < extent) return false;
+        if (inner_stride > (INT64_MAX - extent) / (inner_size - 1)) return outer_size <= 1;   // span > int64
+        extent += inner_stride * (inner_size - 1);
+    }
+    return outer_size <= 1 || outer_stride >= extent;
+}
+
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 int64_t n_rows(const BackwardCall& c) { return c.batch * c.length; }
@@ -74,6 +99,10 @@ RowArgs make_args(const BackwardCall& c) {
     a.s_stride_t = c.s_stride_t;
     a.t_stride_b = c.t_stride_b;
     a.t_stride_t = c.t_stride_t;
+    a.gs_stride_b = c.gs_stride_b;
+    a.gs_stride_t = c.gs_stride_t;
+    a.gt_stride_b = c.gt_stride_b;
+    a.gt_stride_t = c.gt_stride_t;
     a.stats_s0 = c.stats_s0;
     a.stats_s1 = c.stats_s1;
     a.coef_s0 = c.coef_s0;
@@ -83,15 +112,13 @@ RowArgs make_args(const BackwardCall& c) {
     a.dc.one_minus_beta = static_cast<float>(1.0 - beta);
     a.dc.log_beta = static_cast<float>(std::log(beta));
     a.dc.log_one_minus_beta = static_cast<float>(std::log1p(-beta));
-    // The vector path needs every row start 16-byte aligned: the bases and the steps of both row dims
-    // of each input, and the bases and row strides (= widths) of the contiguous outputs.
-    const int64_t es = elem_size(c.student_dtype), et = elem_size(c.teacher_dtype), n = a.n_rows;
-    a.vec_ok = c.student % 16 == 0 && stride_aligned16(c.batch, c.s_stride_b, es) &&
-               stride_aligned16(c.length, c.s_stride_t, es) &&
-               c.teacher % 16 == 0 && stride_aligned16(c.batch, c.t_stride_b, et) &&
-               stride_aligned16(c.length, c.t_stride_t, et) &&
-               c.grad_student % 16 == 0 && stride_aligned16(n, c.s_width, es) &&
-               (c.grad_teacher == 0 || (c.grad_teacher % 16 == 0 && stride_aligned16(n, c.t_width, et)));
+    // The vector path needs every row start 16-byte aligned: the base and the steps of both row dims of
+    // each input and of each output (the gradients have strides of their own).
+    const int64_t es = elem_size(c.student_dtype), et = elem_size(c.teacher_dtype);
+    a.vec_ok = rows_aligned16(c, c.student, c.s_stride_b, c.s_stride_t, es) &&
+               rows_aligned16(c, c.teacher, c.t_stride_b, c.t_stride_t, et) &&
+               rows_aligned16(c, c.grad_student, c.gs_stride_b, c.gs_stride_t, es) &&
+               (c.grad_teacher == 0 || rows_aligned16(c, c.grad_teacher, c.gt_stride_b, c.gt_stride_t, et));
     a.chunk_cols = 0;
     return a;
 }
@@ -130,9 +157,14 @@ std::string validate(const BackwardCall& c) {
     if (c.length > 0 && c.batch > 2147483647LL / c.length) return "batch * length: must be < 2**31 rows";
     if (c.vocab_size < 1 || c.vocab_size > c.s_width || c.vocab_size > c.t_width)
         return "vocab_size: must be in [1, min(student width, teacher width)]";
-    if (c.s_stride_b < 0 || c.s_stride_t < 0 || c.t_stride_b < 0 || c.t_stride_t < 0 || c.stats_s0 < 0 ||
-        c.stats_s1 < 0 || c.coef_s0 < 0)
+    if (c.s_stride_b < 0 || c.s_stride_t < 0 || c.t_stride_b < 0 || c.t_stride_t < 0 || c.gs_stride_b < 0 ||
+        c.gs_stride_t < 0 || c.gt_stride_b < 0 || c.gt_stride_t < 0 || c.stats_s0 < 0 || c.stats_s1 < 0 ||
+        c.coef_s0 < 0)
         return "strides: must be >= 0";
+    if (!rows_disjoint(c.batch, c.length, c.s_width, c.gs_stride_b, c.gs_stride_t))
+        return "grad_student: rows overlap (every row is written)";
+    if (c.grad_teacher && !rows_disjoint(c.batch, c.length, c.t_width, c.gt_stride_b, c.gt_stride_t))
+        return "grad_teacher: rows overlap (every row is written)";
     if (c.chunk_cols < 0 || c.chunk_cols % kVec != 0) return "chunk_cols: must be 0 or a positive multiple of 8";
     if (n_rows(c) > 0 && (c.student == 0 || c.teacher == 0 || c.stats == 0 || c.coef == 0 || c.grad_student == 0))
         return "null address";

@@ -6,7 +6,10 @@
 //   student (B, T, Vs), teacher (B, T, Vt): any strides on the first two dims, stride 1 on the last;
 //     row i is (b, t) = (i / T, i % T), its first element at b * stride_b + t * stride_t (elements).
 //   stats (NUM_STATS, N) float32, coef (N,) float32, N = B * T, each with its own element strides.
-//   grad_student (B, T, Vs), grad_teacher (B, T, Vt): fresh contiguous outputs (row stride = width).
+//   grad_student (B, T, Vs), grad_teacher (B, T, Vt): outputs of the logits' dtypes, addressed like the
+//     inputs (row (b, t) at b * stride_b + t * stride_t, their own strides, stride 1 on the last dim), rows
+//     that do not overlap (e.g. the rows of the gradient of a longer tensor, grad_base[:, :-1]); every row
+//     is written in full and nothing else.
 #pragma once
 
 #include <cstdint>
@@ -57,8 +60,8 @@ constexpr int kNumDTypes = 0 TOPD_DTYPES(TOPD_COUNT);
     X(uintptr_t, teacher, 0, "address of the teacher logits (B, T, Vt)")                             \
     X(uintptr_t, stats, 0, "address of the float32 statistics (NUM_STATS, N)")                       \
     X(uintptr_t, coef, 0, "address of the float32 row multipliers (N,)")                             \
-    X(uintptr_t, grad_student, 0, "address of the contiguous output (B, T, Vs)")                     \
-    X(uintptr_t, grad_teacher, 0, "address of the contiguous output (B, T, Vt); 0: not wanted")      \
+    X(uintptr_t, grad_student, 0, "address of the output (B, T, Vs)")                                \
+    X(uintptr_t, grad_teacher, 0, "address of the output (B, T, Vt); 0: not wanted")                 \
     X(int, student_dtype, 0, "dtype code of student and grad_student (dtype_codes)")                 \
     X(int, teacher_dtype, 0, "dtype code of teacher and grad_teacher (dtype_codes)")                 \
     X(int64_t, batch, 0, "B")                                                                        \
@@ -69,6 +72,10 @@ constexpr int kNumDTypes = 0 TOPD_DTYPES(TOPD_COUNT);
     X(int64_t, s_stride_t, 0, "student element stride of dim 1")                                     \
     X(int64_t, t_stride_b, 0, "teacher element stride of dim 0")                                     \
     X(int64_t, t_stride_t, 0, "teacher element stride of dim 1")                                     \
+    X(int64_t, gs_stride_b, 0, "grad_student element stride of dim 0")                               \
+    X(int64_t, gs_stride_t, 0, "grad_student element stride of dim 1")                               \
+    X(int64_t, gt_stride_b, 0, "grad_teacher element stride of dim 0 (unused without grad_teacher)") \
+    X(int64_t, gt_stride_t, 0, "grad_teacher element stride of dim 1 (unused without grad_teacher)") \
     X(int64_t, stats_s0, 0, "stats element stride between statistics")                               \
     X(int64_t, stats_s1, 1, "stats element stride between rows")                                     \
     X(int64_t, coef_s0, 1, "coef element stride")                                                    \

@@ -198,15 +198,16 @@ struct RowArgs {
     const void* teacher;
     const float* stats;      // (NUM_STATS, N): element [k, i] at stats[k * stats_s0 + i * stats_s1]
     const float* coef;       // (N,): coef[i * coef_s0]
-    void* grad_student;      // contiguous (N, s_width)
-    void* grad_teacher;      // contiguous (N, t_width); nullptr: teacher gradient not wanted
+    void* grad_student;      // (B, T, s_width): row (b, t) at b * gs_stride_b + t * gs_stride_t
+    void* grad_teacher;      // (B, T, t_width): row (b, t) at b * gt_stride_b + t * gt_stride_t; nullptr: not wanted
     int64_t n_rows, length, vocab_size, s_width, t_width;
     int64_t s_stride_b, s_stride_t, t_stride_b, t_stride_t;   // row i = (i / length, i % length)
+    int64_t gs_stride_b, gs_stride_t, gt_stride_b, gt_stride_t;
     int64_t stats_s0, stats_s1, coef_s0;
     int64_t chunk_cols;      // columns per (row, chunk) work item; a multiple of kVec
     float inv_tau;
     DivConsts dc;
-    bool vec_ok;             // every row start 16-byte aligned (inputs and outputs)
+    bool vec_ok;             // every row start 16-byte aligned (inputs and gradients)
 };
 
 template <typename T>
@@ -224,12 +225,15 @@ TOPD_HD void zero_fill(T* __restrict__ row, int64_t c0, int64_t c1, bool vec_ok,
     for (int64_t j = col + tid; j < c1; j += nthr) row[j] = Cvt<T>::from_float(0.f);
 }
 
-// Writes grad_student[row, c0:c1] and grad_teacher[row, c0:c1] (clipped to each width); work item of
-// thread `tid` of `nthr` cooperating threads (a CUDA block, or one host loop).
+// Writes grad_student[b, t, c0:c1] and grad_teacher[b, t, c0:c1] of row = (b, t) (clipped to each width),
+// nothing else of the gradients; work item of thread `tid` of `nthr` cooperating threads (a CUDA block, or
+// one host loop).
 template <typename TS, typename TT, int DIV>
 TOPD_HD void backward_row_chunk(const RowArgs& a, int64_t row, int64_t c0, int64_t c1, int tid, int nthr) {
-    TS* __restrict__ gs = static_cast<TS*>(a.grad_student) + row * a.s_width;
-    TT* __restrict__ gt = a.grad_teacher ? static_cast<TT*>(a.grad_teacher) + row * a.t_width : nullptr;
+    const int64_t b = row / a.length, t = row % a.length;
+    TS* __restrict__ gs = static_cast<TS*>(a.grad_student) + b * a.gs_stride_b + t * a.gs_stride_t;
+    TT* __restrict__ gt =
+        a.grad_teacher ? static_cast<TT*>(a.grad_teacher) + b * a.gt_stride_b + t * a.gt_stride_t : nullptr;
     const int64_t s_end = c1 < a.s_width ? c1 : a.s_width;
     const int64_t t_end = c1 < a.t_width ? c1 : a.t_width;
     const float coef = a.coef[row * a.coef_s0];
@@ -241,7 +245,6 @@ TOPD_HD void backward_row_chunk(const RowArgs& a, int64_t row, int64_t c0, int64
     }
 
     const RowConsts r = make_row_consts(a.stats, a.stats_s0, a.stats_s1, row, coef, a.inv_tau);
-    const int64_t b = row / a.length, t = row % a.length;
     const TS* __restrict__ zs = static_cast<const TS*>(a.student) + b * a.s_stride_b + t * a.s_stride_t;
     const TT* __restrict__ zt = static_cast<const TT*>(a.teacher) + b * a.t_stride_b + t * a.t_stride_t;
     const int64_t v_end = c1 < a.vocab_size ? c1 : a.vocab_size;

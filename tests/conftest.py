@@ -9,6 +9,13 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Import every backend now, before any test patches torch (nan_poisoned_empty): registering the Triton ops
+# initialises torch.compile's tables of torch functions, which must see the real torch.empty.
+from topd_kernels.rows import registry  # noqa: E402
+
+for _name in registry.BACKENDS:
+    registry.unavailable(_name, torch.device("cpu"))
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

@@ -61,7 +61,9 @@ def make_problem(layout="batched", B=3, T=21, V=1271, dtype=torch.float32, teach
                 vocab_size=V if pad != (0, 0) else None)
 
 
-def _run(fn, problem, kwargs, teacher_grad, upstream):
+def run_loss(fn, problem, kwargs, teacher_grad, upstream):
+    """(loss, stats, gradients) of fn (fused_window_kl's signature) on `problem`: the student's gradient, and the
+    teacher's when teacher_grad, for the upstream gradient `upstream` (None: ones)."""
     student = problem["student"].detach().clone().requires_grad_(True)
     teacher = problem["teacher"].detach().clone().requires_grad_(teacher_grad)
     loss, stats = fn(student, teacher, mask=problem["mask"], cu_seqlens=problem["cu_seqlens"],
@@ -121,9 +123,9 @@ def check_backend(backend, problem, teacher_grad=False, **kwargs):
     upstream = None
     if kwargs.get("reduction") == "none":
         upstream = torch.randn(problem["mask"].shape, dtype=torch.float32, device=problem["mask"].device)
-    loss, stats, grads = _run(lambda *a, **k: topd_kernels.fused_window_kl(*a, backend=backend, **k),
+    loss, stats, grads = run_loss(lambda *a, **k: topd_kernels.fused_window_kl(*a, backend=backend, **k),
                               problem, kwargs, teacher_grad, upstream)
-    ref_loss, ref_stats, ref_grads = _run(window_kl_reference, problem, kwargs, teacher_grad,
+    ref_loss, ref_stats, ref_grads = run_loss(window_kl_reference, problem, kwargs, teacher_grad,
                                           upstream.double() if upstream is not None else None)
 
     d_atol = _divergence_allowance(problem, kwargs.get("temperature", 1.0))

@@ -1,6 +1,8 @@
 """Shared by the row-level tests (the Triton row kernels: test_triton_rows.py; the CUDA extension's backward:
 test_cuda_host.py, test_gpu_cuda.py): random logits, the float64 truth of the row contract
-(topd_kernels/rows/contract.py), and the float32 error allowance for the row gradients.
+(topd_kernels/rows/contract.py), the float32 error allowance for the row gradients, and gradients handed in
+as strided rows of larger NaN-filled buffers (`grad_rows_in_buffer`: the contract's backward writes into
+whatever rows the caller allocated).
 
 Truth: d from the shared reference (`reference.token_divergence`), its gradient by autograd; the statistics
 of contract.Stat in the same precision: MAX = max z (raw logits), LOGSUM = logsumexp((z - max z) / tau),
@@ -52,6 +54,47 @@ def rand_logits(n, v, *, pad=(0, 0), scale=3.0, correlation=0.8, garbage=(1e4, N
     student[:, v:] = garbage[0]
     teacher[:, v:] = garbage[1]
     return student.to(dtype), teacher.to(dtype)
+
+
+class GradRows(NamedTuple):
+    """A gradient handed to a row backward as the rows of a larger NaN-filled buffer (`grad_rows_in_buffer`)."""
+
+    rows: torch.Tensor      # (B, T, V) view of `buffer`: what the backward writes, every row in full
+    buffer: torch.Tensor    # the whole allocation, NaN outside `rows`
+    inside: torch.Tensor    # bool, buffer's shape: True exactly on the elements of `rows`
+
+    def untouched_outside(self) -> bool:
+        """Whether every element of the buffer outside the rows is still NaN (bitwise the fill: nothing wrote)."""
+        return bool(self.buffer[~self.inside].isnan().all())
+
+
+# How grad_rows_in_buffer lays the rows out in their buffer (all with unit last stride, rows disjoint):
+GRAD_LAYOUTS = (
+    "inner",       # buffer (B, T + 2, V + 3), rows buffer[:, 1:-1, :V]: both leading strides and an offset
+    "causal",      # buffer (B, T + 1, V), rows buffer[:, :-1]: the gradient of logits[:, :-1] (functional.py)
+    "transposed",  # buffer (T + 1, B, V + 2), rows buffer[1:, :, :V].transpose(0, 1): stride_b < stride_t
+)
+
+
+def grad_rows_in_buffer(shape, dtype, device, layout="inner") -> GradRows:
+    """A (B, T, V) gradient that is a strided view of a larger NaN-filled buffer (GRAD_LAYOUTS)."""
+    B, T, V = shape
+    if layout == "inner":
+        buffer = torch.full((B, T + 2, V + 3), NAN, dtype=dtype, device=device)
+        cut = lambda x: x[:, 1:-1, :V]  # noqa: E731
+    elif layout == "causal":
+        buffer = torch.full((B, T + 1, V), NAN, dtype=dtype, device=device)
+        cut = lambda x: x[:, :-1]  # noqa: E731
+    elif layout == "transposed":
+        buffer = torch.full((T + 1, B, V + 2), NAN, dtype=dtype, device=device)
+        cut = lambda x: x[1:, :, :V].transpose(0, 1)  # noqa: E731
+    else:
+        raise ValueError(f"layout: one of {GRAD_LAYOUTS}, got {layout!r}")
+    inside = torch.zeros(buffer.shape, dtype=torch.bool, device=device)
+    cut(inside).fill_(True)
+    rows = cut(buffer)
+    assert rows.shape == (B, T, V) and (V <= 1 or rows.stride(-1) == 1)
+    return GradRows(rows, buffer, inside)
 
 
 class RowTruth(NamedTuple):

@@ -80,13 +80,16 @@ def test_sliced_view_compiles(seed):
 
 
 def row_op_args(V=37, want_teacher=True):
+    """Arguments of the forward and backward row ops: strided (B, T, V) rows, strided gradient rows."""
     base = torch.randn(3, 9, V + 4)
-    student, teacher = base[:, 1:-1], torch.randn(3, 7, V, dtype=torch.bfloat16)
+    student, teacher = base[:, 1:-1, :V], torch.randn(3, 7, V, dtype=torch.bfloat16)
     mask = torch.rand(21) > 0.3
     call = make_row_call(student, teacher, V, 0.7, 2, BETA)
     stats = torch_rows.row_forward(student, teacher, mask, call)
     coef = torch.where(mask, torch.rand(21), torch.zeros(21))
-    return (student, teacher, mask, *call), (student, teacher, stats, coef, *call, want_teacher)
+    grad_student = torch.empty(3, 8, V + 1)[:, :-1, :V]
+    grad_teacher = torch.empty_like(teacher) if want_teacher else None
+    return (student, teacher, mask, *call), (student, teacher, stats, coef, *call, grad_student, grad_teacher)
 
 
 @pytest.mark.parametrize("want_teacher", [True, False])

@@ -2,7 +2,10 @@
 
 On CPU tensors `cuda_rows.row_backward` (the op `topd::cuda_row_backward`) runs the extension's host
 build: the same `__host__ __device__` code as the CUDA kernel (csrc/row_backward_math.cuh: vector/scalar
-paths, tails, padding, masked rows, chunked rows, the two-stride row addressing) over host memory.
+paths, tails, padding, masked rows, chunked rows, the two-stride row addressing of the inputs and of the
+gradients) over host memory. The backward is mutating (the row contract): it writes into gradients the
+caller allocates, here NaN-filled, fresh or strided rows of larger buffers (cuda_helpers.GRAD_LAYOUTS),
+and every test checks that every row is written and nothing outside the rows is.
 Truth: the float64 autograd gradient of sum_t coef_t d_t (row_cases.truth), and the tolerance
 (row_cases.row_atol / assert_close), shared with the Triton row tests. The saved statistics come from
 the torch backend's forward in float32 (the contract's layout), as in the real pipeline.
@@ -15,12 +18,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuda_helpers import (DIVERGENCES, DTYPE_PAIRS, LAYOUTS, at_row, extension_skip_reason, flat, laid_out,
-                          make_call, nvcc_path, row_stats, run_and_check)
+from cuda_helpers import (DIVERGENCES, DTYPE_PAIRS, GRAD_LAYOUTS, LAYOUTS, at_row, extension_skip_reason, flat,
+                          fresh_backward, grad_in_buffer, laid_out, make_call, nvcc_path, row_stats, run_and_check)
 from row_cases import INF, NAN, ULP, rand_logits, truth
 from topd_kernels.config import DIVERGENCE_CODES
 from topd_kernels.rows import cuda_rows
-from topd_kernels.rows.contract import LOGIT_DTYPES, NUM_STATS, Stat
+from topd_kernels.rows.contract import LOGIT_DTYPES, NUM_STATS, RowCall, Stat
 
 pytestmark = pytest.mark.skipif(extension_skip_reason() is not None, reason=str(extension_skip_reason()))
 
@@ -65,7 +68,7 @@ def _valid_call(extension, divergence="reverse_kl"):
     call = make_call(s, t, 64, 1.0, divergence, 0.5)
     stats = row_stats(s, t, coef, call)
     gs, gt = torch.empty_like(s), torch.empty_like(t)
-    fields = cuda_rows._call_fields(s, t, stats, coef, gs, gt, call, True, 0)
+    fields = cuda_rows._call_fields(s, t, stats, coef, gs, gt, call, 0)
     backward_call = extension.BackwardCall()
     for k, v in fields.items():
         setattr(backward_call, k, v)
@@ -82,6 +85,38 @@ def test_python_fills_every_field_of_the_call(extension):
     assert "vocab_size=64" in repr(backward_call)
 
 
+def test_gradient_strides_reach_the_call(extension):
+    """The gradients' own strides fill the call (not the logits', not the widths); no teacher gradient:
+    address 0 and strides 0."""
+    s, t = (laid_out(x, torch.float32, batch=2, stride_t=72) for x in rand_logits(6, 64))
+    coef = _coef(6)
+    call = make_call(s, t, 64, 1.0, "reverse_kl", 0.5)
+    stats = row_stats(s, t, coef, call)
+    gs = grad_in_buffer(s.shape, s.dtype, "cpu", "inner").rows
+    gt = grad_in_buffer(t.shape, t.dtype, "cpu", "transposed").rows
+    fields = cuda_rows._call_fields(s, t, stats, coef, gs, gt, call, 0)
+    assert (fields["gs_stride_b"], fields["gs_stride_t"]) == gs.stride()[:2] == (5 * 67, 67)
+    assert (fields["gt_stride_b"], fields["gt_stride_t"]) == gt.stride()[:2] == (66, 2 * 66)
+    assert fields["grad_student"] == gs.data_ptr() and fields["grad_teacher"] == gt.data_ptr()
+    fields = cuda_rows._call_fields(s, t, stats, coef, gs, None, call, 0)
+    assert fields["grad_teacher"] == fields["gt_stride_b"] == fields["gt_stride_t"] == 0
+
+
+def test_stale_call_layout_is_detected(extension):
+    """A build whose BackwardCall has other fields (e.g. from before the gradients had strides) is stale:
+    cuda_rows reports it unavailable instead of failing at the first call or leaving a field at its default."""
+    class Build:
+        def __init__(self, fields):
+            self.call_fields = fields
+
+    assert not cuda_rows._call_layout_differs(extension)
+    fields = extension.call_fields
+    old = tuple(f for f in fields if not f.startswith(("gs_", "gt_")))
+    assert len(old) == len(fields) - 4
+    for other in (old, fields + ("extra",), fields[1:] + fields[:1], ()):
+        assert cuda_rows._call_layout_differs(Build(other))
+
+
 @pytest.mark.parametrize("field, value, reason", [
     ("vocab_size", 0, "vocab_size"), ("vocab_size", 65, "vocab_size"), ("vocab_size", -1, "vocab_size"),
     ("temperature", 0.0, "temperature"), ("temperature", INF, "temperature"), ("temperature", NAN, "temperature"),
@@ -90,7 +125,13 @@ def test_python_fills_every_field_of_the_call(extension):
     ("batch", -1, "batch"), ("length", 2**31, "batch \\* length"),
     ("s_stride_t", -64, "strides"), ("t_stride_b", -1, "strides"), ("stats_s1", -1, "strides"),
     ("coef_s0", -1, "strides"), ("chunk_cols", 12, "chunk_cols"), ("chunk_cols", -8, "chunk_cols"),
-    ("student", 0, "null address"), ("coef", 0, "null address"),
+    ("gs_stride_b", -1, "strides"), ("gs_stride_t", -64, "strides"), ("gt_stride_b", -1, "strides"),
+    ("gt_stride_t", -1, "strides"),
+    # (B, T, V) = (2, 3, 64): every row of a gradient is written, so its rows must not overlap
+    ("gs_stride_t", 0, "grad_student: rows overlap"), ("gs_stride_t", 63, "grad_student: rows overlap"),
+    ("gs_stride_b", 3 * 64 - 1, "grad_student: rows overlap"), ("gs_stride_b", 64, "grad_student: rows overlap"),
+    ("gt_stride_b", 0, "grad_teacher: rows overlap"), ("gt_stride_t", 1, "grad_teacher: rows overlap"),
+    ("student", 0, "null address"), ("coef", 0, "null address"), ("grad_student", 0, "null address"),
 ])
 def test_cpp_validate(extension, field, value, reason):
     """The C++ validate, the guard at the raw-address boundary, on calls that bypass the Python checks."""
@@ -99,6 +140,27 @@ def test_cpp_validate(extension, field, value, reason):
     assert backward_call.validate()
     with pytest.raises(ValueError, match=reason):
         extension.row_backward_host(backward_call)
+
+
+@pytest.mark.parametrize("stride_b, stride_t", [(3 * 64, 64), (64, 2 * 64), (1000, 64), (64, 200), (0, 64)])
+def test_cpp_validate_accepts_disjoint_gradient_rows(extension, stride_b, stride_t):
+    """Disjoint rows in any order (a transposed (T, B) layout: stride_b < stride_t) pass the C++ check;
+    stride_b = 0 only where the batch never steps (a (1, T, V) call). Without a teacher gradient (address 0)
+    its strides are not looked at."""
+    backward_call, _, keep = _valid_call(extension)
+    if stride_b == 0:
+        backward_call.batch = 1
+    backward_call.gs_stride_b, backward_call.gs_stride_t = stride_b, stride_t
+    backward_call.grad_student = backward_call.grad_teacher   # room for any of these layouts: not run
+    assert backward_call.validate() == ""
+    # strides whose span overflows int64: rows (0, 1) and (1, 0) overlap, and the check must say so
+    backward_call, _, keep = _valid_call(extension)
+    backward_call.gs_stride_b, backward_call.gs_stride_t = 2**62 + 1, 2**62
+    assert "grad_student: rows overlap" in backward_call.validate()
+    backward_call, _, keep = _valid_call(extension)
+    backward_call.grad_teacher, backward_call.gt_stride_b, backward_call.gt_stride_t = 0, 0, 0
+    assert backward_call.validate() == ""
+    extension.row_backward_host(backward_call)
 
 
 def test_cpp_validate_jsd_beta(extension):
@@ -131,6 +193,43 @@ def test_host_matches_float64(divergence, dtypes, want_teacher, layout, seed, na
     coef = _coef(n, masked)
     beta = 0.3 if divergence == "jsd" else 0.5
     run_and_check(student, teacher, coef, V, tau, divergence, beta, want_teacher, **work_split)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gradients written into strided rows of larger buffers (the caller's: e.g. grad_base[:, :-1])
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grad_layout", [g for g in GRAD_LAYOUTS if g != "fresh"])
+@pytest.mark.parametrize("layout", ["aligned", "strided_aligned", "chunked"])
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda p: f"{str(p[0])[6:]}-{str(p[1])[6:]}")
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_gradients_into_strided_rows(divergence, dtypes, layout, grad_layout, seed):
+    """Each gradient in turn (the other one fresh and contiguous; the student's alone without the teacher
+    gradient) as the rows of a larger NaN-filled buffer (cuda_helpers.GRAD_LAYOUTS): the rows equal, bit for
+    bit, those written into fresh contiguous tensors and the float64 truth; nothing outside them is
+    touched (still NaN); masked rows (NaN logits) and padding exact zeros. The inputs are 16-byte aligned,
+    so with misaligned gradient rows (odd base, batch or time stride) the vector path would be taken unless
+    the alignment check covers the gradients' strides, and the host build throws on the misaligned access."""
+    B, T, ws, wt, V, s_layout, t_layout, tau, work_split = LAYOUTS[layout]
+    n = B * T
+    base_s, base_t = rand_logits(n, V, pad=(ws - V, wt - V))
+    student = laid_out(base_s, dtypes[0], batch=B, **s_layout)
+    teacher = laid_out(base_t, dtypes[1], batch=B, **t_layout)
+    masked = (2, n - 1)
+    _poison(student, masked)
+    _poison(teacher, masked)
+    coef = _coef(n, masked)
+    beta = 0.3 if divergence == "jsd" else 0.5
+    call = make_call(student, teacher, V, tau, divergence, beta)
+    stats = row_stats(student, teacher, coef, call)
+    want_s, want_t = fresh_backward(student, teacher, stats, coef, call, True,
+                                    lambda *a: cuda_rows.run_backward(*a, **work_split))
+    for grads, want_teacher in (((grad_layout, "fresh"), True), (("fresh", grad_layout), True),
+                                ((grad_layout, grad_layout), False)):
+        gs, gt = run_and_check(student, teacher, coef, V, tau, divergence, beta, want_teacher, stats=stats,
+                               grads=grads, **work_split)
+        assert torch.equal(gs, want_s), f"grad_student rows {grads[0]} differ from the contiguous result"
+        if want_teacher:
+            assert torch.equal(gt, want_t), f"grad_teacher rows {grads[1]} differ from the contiguous result"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,9 +310,13 @@ def test_all_rows_masked_with_nonfinite_logits(divergence):
     t = torch.full((B, T, width), INF, dtype=torch.float32)
     stats = torch.full((NUM_STATS, B * T), NAN)
     call = make_call(s, t, 1000, 1.0, divergence, 0.5)
-    gs, gt = cuda_rows.row_backward(s, t, stats, torch.zeros(B * T), call, True)
-    assert (gs == 0).all() and (gt == 0).all()
-    assert not torch.signbit(gs.float()).any() and not torch.signbit(gt).any(), "masked rows must be +0.0"
+    for layout in ("fresh", "inner", "aligned_gaps"):
+        into_s, into_t = (grad_in_buffer(x.shape, x.dtype, "cpu", layout) for x in (s, t))
+        assert cuda_rows.row_backward(s, t, stats, torch.zeros(B * T), call, into_s.rows, into_t.rows) is None
+        gs, gt = into_s.rows, into_t.rows
+        assert (gs == 0).all() and (gt == 0).all()
+        assert not torch.signbit(gs.float()).any() and not torch.signbit(gt).any(), "masked rows must be +0.0"
+        assert into_s.untouched_outside() and into_t.untouched_outside(), layout
 
 
 @pytest.mark.parametrize("tau", [0.25, 0.7, 1.0, 3.0])
@@ -233,7 +336,8 @@ def test_small_and_empty_shapes(B, T, width, V, seed):
     t = laid_out(t.reshape(B, T, width + 2), torch.float32)
     for divergence in DIVERGENCES:
         for want_teacher in (True, False):
-            run_and_check(s, t, _coef(n), V, 1.0, divergence, 0.5, want_teacher)
+            for grads in zip(GRAD_LAYOUTS, GRAD_LAYOUTS[1:] + GRAD_LAYOUTS[:1]):
+                run_and_check(s, t, _coef(n), V, 1.0, divergence, 0.5, want_teacher, grads=grads)
 
 
 def test_beta_extremes_jsd(seed):
@@ -271,73 +375,180 @@ def test_argument_checks():
     n = B * T
     stats, coef = torch.zeros(NUM_STATS, n), torch.ones(n)
     call = make_call(s, t, width, 1.0, "reverse_kl")
-    backward = cuda_rows.row_backward
+    gs, gt = torch.empty_like(s), torch.empty_like(t)
+
+    def backward(*args, grads=(gs, gt)):
+        return cuda_rows.row_backward(*args, *grads)
+
     with pytest.raises(ValueError, match="student"):
-        backward(s.double(), t, stats, coef, call, True)
+        backward(s.double(), t, stats, coef, call, grads=(gs.double(), gt))
     with pytest.raises(ValueError, match="student"):
-        backward(s[0], t, stats, coef, call, True)
+        backward(s[0], t, stats, coef, call)
     with pytest.raises(ValueError, match="teacher"):
-        backward(s, torch.randn(width, T, B).permute(2, 1, 0), stats, coef, call, True)   # last stride != 1
+        backward(s, torch.randn(width, T, B).permute(2, 1, 0), stats, coef, call)   # last stride != 1
     with pytest.raises(ValueError, match="teacher"):
-        backward(s, t[:1], stats, coef, call, True)
+        backward(s, t[:1], stats, coef, call)
     with pytest.raises(ValueError, match="vocab_size"):
-        backward(s, t, stats, coef, call._replace(vocab_size=width + 1), True)
+        backward(s, t, stats, coef, call._replace(vocab_size=width + 1))
     with pytest.raises(ValueError, match="vocab_size"):
-        backward(s, t, stats, coef, call._replace(vocab_size=0), True)
+        backward(s, t, stats, coef, call._replace(vocab_size=0))
     with pytest.raises(ValueError, match="temperature"):
-        backward(s, t, stats, coef, call._replace(temperature=0.0), True)
+        backward(s, t, stats, coef, call._replace(temperature=0.0))
     with pytest.raises(ValueError, match="beta"):
-        backward(s, t, stats, coef, call._replace(divergence=DIVERGENCE_CODES["jsd"], beta=1.0), True)
+        backward(s, t, stats, coef, call._replace(divergence=DIVERGENCE_CODES["jsd"], beta=1.0))
     with pytest.raises(ValueError, match="divergence"):
-        backward(s, t, stats, coef, call._replace(divergence=3), True)
+        backward(s, t, stats, coef, call._replace(divergence=3))
     with pytest.raises(ValueError, match="stats"):
-        backward(s, t, stats[:4], coef, call, True)   # the former 4-row layout
+        backward(s, t, stats[:4], coef, call)   # the former 4-row layout
     with pytest.raises(ValueError, match="stats"):
-        backward(s, t, stats.double(), coef, call, True)
+        backward(s, t, stats.double(), coef, call)
     with pytest.raises(ValueError, match="coef"):
-        backward(s, t, stats, coef[:-1], call, True)
+        backward(s, t, stats, coef[:-1], call)
     with pytest.raises(ValueError, match="coef"):
-        backward(s, t, stats, coef.half(), call, True)
+        backward(s, t, stats, coef.half(), call)
     with pytest.raises(ValueError, match="chunk_cols"):
-        cuda_rows.run_backward(s, t, stats, coef, call, True, chunk_cols=12)
+        cuda_rows.run_backward(s, t, stats, coef, call, gs, gt, chunk_cols=12)
     with pytest.raises(ValueError, match="emulated_threads"):
-        cuda_rows.run_backward(s, t, stats, coef, call, True, emulated_threads=0)
+        cuda_rows.run_backward(s, t, stats, coef, call, gs, gt, emulated_threads=0)
     meta = s.to("meta"), t.to("meta"), stats.to("meta"), coef.to("meta")
     with pytest.raises(ValueError, match="meta"):
-        cuda_rows.row_backward(*meta, call, True)
+        cuda_rows.row_backward(*meta, call, gs.to("meta"), gt.to("meta"))
 
 
-def _op_args(divergence, want_teacher, dtypes=(torch.bfloat16, torch.float32)):
+def _bad_gradients(x):
+    """Gradients of (B, T, V) logits `x` the extension must refuse: it writes through their address, the
+    logits' sizes and their own strides."""
+    B, T, V = x.shape
+    wide = torch.empty(B, T, 2 * V, dtype=x.dtype)
+    return {
+        "shape": torch.empty(B, T, V + 1, dtype=x.dtype),
+        "rows": torch.empty(B, T + 1, V, dtype=x.dtype),
+        "dtype": torch.empty(B, T, V, dtype=torch.float16),
+        "device": torch.empty(B, T, V, dtype=x.dtype, device="meta"),
+        "last stride": wide[..., ::2],
+        "expanded batch": torch.empty(1, T, V, dtype=x.dtype).expand(B, T, V),
+        "expanded time": torch.empty(B, 1, V, dtype=x.dtype).expand(B, T, V),
+        "rows closer than a row": torch.empty(B * T * V, dtype=x.dtype).as_strided((B, T, V), (T * (V // 2), V // 2, 1)),
+        "batch inside a row": torch.empty(B * T * V, dtype=x.dtype).as_strided((B, T, V), (1, V + B, 1)),
+        "not a tensor": None,
+    }
+
+
+@pytest.mark.parametrize("which", ["grad_student", "grad_teacher"])
+def test_bad_gradients_are_refused(which):
+    """A wrong shape, dtype or device, a non-unit last stride, or rows that overlap are refused before any
+    write, for either gradient; the good gradient is left as it was (no partial write)."""
+    B, T, width = 2, 3, 64
+    s, t = torch.randn(B, T, width), torch.randn(B, T, width, dtype=torch.bfloat16)
+    n = B * T
+    call = make_call(s, t, width, 1.0, "reverse_kl")
+    stats = row_stats(s, t, torch.ones(n), call)
+    for reason, bad in _bad_gradients(s if which == "grad_student" else t).items():
+        if which == "grad_teacher" and bad is None:
+            continue   # None: no teacher gradient, a valid call
+        gs = torch.full(s.shape, NAN) if which == "grad_teacher" else bad
+        gt = torch.full(t.shape, NAN, dtype=t.dtype) if which == "grad_student" else bad
+        with pytest.raises(ValueError, match=which):
+            cuda_rows.row_backward(s, t, stats, torch.ones(n), call, gs, gt)
+        good = gt if which == "grad_student" else gs
+        assert good.isnan().all(), f"{reason}: written before the check"
+    # the transposed (T, B) layout and rows of a longer tensor are fine
+    for layout in ("transposed", "causal"):
+        into = grad_in_buffer(t.shape, t.dtype, "cpu", layout)
+        cuda_rows.row_backward(s, t, stats, torch.ones(n), call, torch.empty_like(s), into.rows)
+        assert into.untouched_outside() and not into.rows.isnan().any()
+
+
+def _op_args(divergence, want_teacher, dtypes=(torch.bfloat16, torch.float32), grads=("fresh", "fresh")):
     B, T, V = 2, 5, 67
     base_s, base_t = rand_logits(B * T, V, pad=(5, 13))
     s = laid_out(base_s, dtypes[0], batch=B, stride_b=7 * 72, stride_t=72)   # (B, T) of a longer sequence
     t = laid_out(base_t, dtypes[1], batch=B, offset=3)
     coef = _coef(B * T, (4,))
     call = make_call(s, t, V, 0.9, divergence, 0.3)
-    return (s, t, row_stats(s, t, coef, call), coef, *call, want_teacher)
+    gs = grad_in_buffer(s.shape, s.dtype, "cpu", grads[0]).rows
+    gt = grad_in_buffer(t.shape, t.dtype, "cpu", grads[1]).rows if want_teacher else None
+    return (s, t, row_stats(s, t, coef, call), coef, *call, gs, gt)
 
 
+@pytest.mark.parametrize("grads", [("fresh", "fresh"), ("causal", "inner")], ids=["fresh", "strided"])
 @pytest.mark.parametrize("want_teacher", [True, False])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_opcheck(divergence, want_teacher, seed):
-    torch.library.opcheck(torch.ops.topd.cuda_row_backward, _op_args(divergence, want_teacher))
+def test_opcheck(divergence, want_teacher, grads, seed):
+    """The mutating op (mutates_args grad_student, grad_teacher) under torch.library.opcheck: schema (what it
+    writes is declared), fake tensor, autograd registration, AOT dispatch."""
+    args = _op_args(divergence, want_teacher, grads=grads)
+    torch.library.opcheck(torch.ops.topd.cuda_row_backward, args)
+    args = _op_args(divergence, want_teacher, grads=grads)
+    want = fresh_backward(*args[:4], RowCall(*args[4:8]), want_teacher)
+    assert torch.ops.topd.cuda_row_backward(*args) is None
+    assert torch.equal(args[-2], want[0]) and (not want_teacher or torch.equal(args[-1], want[1]))
 
 
 def test_op_is_the_registered_backward():
     assert cuda_rows.OPS.name == "cuda" and cuda_rows.OPS.forward_op is None
     assert cuda_rows.OPS.backward_op._qualname == "topd::cuda_row_backward"
+    schema = torch.ops.topd.cuda_row_backward.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"grad_student", "grad_teacher"} and not schema.returns
+
+
+def test_row_ops_convenience_backward(seed):
+    """RowOps.backward (fresh contiguous gradients, through the op) and backward_into give the direct call's."""
+    args = _op_args("reverse_kl", True)
+    tensors, call = args[:4], RowCall(*args[4:8])
+    want_s, want_t = fresh_backward(*tensors, call, True)
+    gs, gt = cuda_rows.OPS.backward(*tensors, call, True)
+    assert gs.is_contiguous() and gt.is_contiguous()
+    assert torch.equal(gs, want_s) and torch.equal(gt, want_t)
+    gs, gt = cuda_rows.OPS.backward(*tensors, call, False)
+    assert gt is None and torch.equal(gs, want_s)
+    into = grad_in_buffer(tensors[0].shape, tensors[0].dtype, "cpu", "causal")
+    cuda_rows.OPS.backward_into(*tensors, call, into.rows, None)
+    assert torch.equal(into.rows, want_s) and into.untouched_outside()
 
 
 def test_fullgraph_compile_goes_through_the_op(seed):
+    """The mutating op in a fullgraph compile (aot_eager: functionalised), three ways: into gradients
+    allocated in the graph, into the rows of a longer gradient allocated in the graph (grad_base[:, :-1], as
+    functional.py does), and into gradients that are inputs of the graph (strided views of buffers)."""
     args = _op_args("jsd", True)
+    tensors, scalars = args[:8], args[4:8]
+    s, t = tensors[:2]
 
-    def backward(*a):
-        grad_s, grad_t = torch.ops.topd.cuda_row_backward(*a)
+    def fresh(*a):
+        grad_s, grad_t = torch.empty_like(s, memory_format=torch.contiguous_format), torch.empty_like(t)
+        torch.ops.topd.cuda_row_backward(*a, grad_s, grad_t)
         return grad_s * 2, grad_t + 1
 
-    compiled = torch.compile(backward, fullgraph=True, backend="aot_eager")
-    for got, want in zip(compiled(*args), backward(*args)):
-        assert torch.equal(got, want)
+    def rows_of_longer(*a):
+        base = torch.zeros(s.shape[0], s.shape[1] + 1, s.shape[2], dtype=s.dtype)
+        torch.ops.topd.cuda_row_backward(*a, base[:, :-1], None)
+        return base * 2
+
+    def into_inputs(*a):
+        *a, grad_s, grad_t = a
+        torch.ops.topd.cuda_row_backward(*a, grad_s, grad_t)
+        return grad_s * 2
+
+    want_s, want_t = fresh_backward(*tensors[:4], RowCall(*scalars), True)
+    for fn in (fresh, rows_of_longer):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        got, eager = compiled(*tensors), fn(*tensors)
+        for g, e in zip(got if isinstance(got, tuple) else (got,), eager if isinstance(eager, tuple) else (eager,)):
+            assert torch.equal(g, e)
+    assert torch.equal(fresh(*tensors)[0], want_s * 2)
+    base = rows_of_longer(*tensors)
+    assert torch.equal(base[:, :-1], want_s * 2) and (base[:, -1] == 0).all()
+    torch._dynamo.reset()
+    compiled = torch.compile(into_inputs, fullgraph=True, backend="aot_eager")
+    into_s = grad_in_buffer(s.shape, s.dtype, "cpu", "inner")
+    into_t = grad_in_buffer(t.shape, t.dtype, "cpu", "aligned_gaps")
+    doubled = compiled(*tensors, into_s.rows, into_t.rows)
+    assert torch.equal(into_s.rows, want_s) and torch.equal(into_t.rows, want_t)
+    assert into_s.untouched_outside() and into_t.untouched_outside()
+    assert torch.equal(doubled, want_s * 2)
 
 
 def test_extension_status_names_architectures():

@@ -1,12 +1,17 @@
 """The CUDA-extension backward on a GPU (marked `gpu`: conftest skips these without CUDA).
 
-- realistic shapes (N = 8192, V = 151936 and 128256, bf16, the student read in place from logits[:, :-1]):
-  extension vs the Triton backward on every row, and vs the float64 reference on a few rows;
+- realistic shapes (N = 8192, V = 151936 and 128256, bf16, the student read in place from logits[:, :-1],
+  its gradient written in place into the rows of the (B, T + 1, V) gradient): extension vs the Triton
+  backward on every row, and vs the float64 reference on a few rows;
 - every divergence, dtype pair and memory layout of the host tests (cuda_helpers.LAYOUTS), on the device,
   vs float64, outputs allocated NaN-poisoned;
+- gradients written into strided rows of larger NaN-filled buffers (cuda_helpers.GRAD_LAYOUTS: aligned ->
+  vector path, odd base / strides -> scalar path): the rows as in fresh contiguous gradients, nothing
+  outside them touched;
 - the host build vs the device on the same inputs (the CPU CI's check is representative);
 - masked rows with non-finite logits, a large common offset of the logits;
-- a non-default stream (ordering after work queued on it), row chunking (small N, wide rows), N * V > 2**31;
+- a non-default stream (ordering after work queued on it), row chunking (small N, wide rows), N * V > 2**31
+  (also in the gradient, written into the rows of a longer tensor's gradient);
 - the op through torch.library.opcheck, and fused_window_kl(backend="triton+cuda") end to end.
 """
 from __future__ import annotations
@@ -14,8 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuda_helpers import (DIVERGENCES, DTYPE_PAIRS, LAYOUTS, extension_skip_reason, flat, laid_out, make_call,
-                          row_stats, run_and_check)
+from cuda_helpers import (DIVERGENCES, DTYPE_PAIRS, GRAD_LAYOUTS, LAYOUTS, extension_skip_reason, flat,
+                          fresh_backward, grad_in_buffer, laid_out, make_call, row_stats, run_and_check)
 from row_cases import NAN, ULP, assert_close, rand_logits, row_atol, truth
 from topd_kernels.rows import cuda_rows
 from topd_kernels.rows.contract import NUM_STATS
@@ -74,10 +79,15 @@ def test_realistic_vs_triton_and_reference(V):
     triton_rows = _triton_rows()
     call = make_call(s, t, V, 1.0, "reverse_kl")
     stats = triton_rows.row_forward(s, t, coef != 0, call)
-    gs, gt = cuda_rows.row_backward(s, t, stats, coef, call, True)
-    ts, tt = triton_rows.row_backward(s, t, stats, coef, call, True)
+    # the extension writes into the rows of the (B, T + 1, V*) gradients, as for logits[:, :-1] in the loss
+    into_s = grad_in_buffer(s.shape, s.dtype, "cuda", "causal")
+    into_t = grad_in_buffer(t.shape, t.dtype, "cuda", "causal")
+    assert cuda_rows.row_backward(s, t, stats, coef, call, into_s.rows, into_t.rows) is None
+    ts, tt = fresh_backward(s, t, stats, coef, call, True, triton_rows.row_backward)
     torch.cuda.synchronize()
-    gs, gt, ts, tt = (flat(x) for x in (gs, gt, ts, tt))
+    assert into_s.untouched_outside() and into_t.untouched_outside(), "written outside the gradient rows"
+    gs, gt, ts, tt = (flat(x) for x in (into_s.rows, into_t.rows, ts, tt))
+    del into_s, into_t
     assert not gs.isnan().any() and not gt.isnan().any()
     masked = coef == 0
     assert (gs[masked] == 0).all() and (gt[masked] == 0).all() and (gt[:, V:] == 0).all()
@@ -121,13 +131,61 @@ def test_device_matches_float64_and_host(divergence, dtypes, layout, seed, nan_p
     # the host build on the same inputs: the same code, so within one output ulp (expf / FMA differences)
     call = make_call(s, t, V, tau, divergence, beta)
     stats = row_stats(s, t, coef, call)
-    hs, ht = cuda_rows.row_backward(s.cpu(), t.cpu(), stats.cpu(), coef.cpu(), call, True)
+    hs, ht = fresh_backward(s.cpu(), t.cpu(), stats.cpu(), coef.cpu(), call, True)
     atol = row_atol(flat(s), flat(t), coef, stats, V, tau).cpu()
     for name, dev, host in (("grad_student", gs, hs), ("grad_teacher", gt, ht)):
         d64, h64 = flat(dev).cpu().double(), flat(host).double()
         tol = ULP[dev.dtype] * torch.maximum(d64.abs(), h64.abs()) + atol + 1e-30
         worst = float(((d64 - h64).abs() / tol).max())
         assert worst <= 1.0, f"{name}: device vs host build off by {worst:.3g} x tol"
+
+
+def _rows_aligned16(x):
+    """Whether every row start of a (B, T, V) tensor is 16-byte aligned (the kernel's vector path)."""
+    size = x.element_size()
+    return x.data_ptr() % 16 == 0 and all(x.shape[d] <= 1 or x.stride(d) * size % 16 == 0 for d in (0, 1))
+
+
+@pytest.mark.parametrize("grad_layout", [g for g in GRAD_LAYOUTS if g != "fresh"])
+@pytest.mark.parametrize("layout", ["aligned", "strided_aligned", "chunked"])
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda p: f"{str(p[0])[6:]}-{str(p[1])[6:]}")
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_device_gradients_into_strided_rows(divergence, dtypes, layout, grad_layout, seed):
+    """The host test's strided gradients on the device: each gradient in turn (the other fresh; the student's
+    alone without the teacher gradient) as the rows of a larger NaN-filled buffer, vs float64, nothing outside
+    the rows touched, and equal to the fresh contiguous result: bit for bit where both take the same path
+    (aligned gradient rows), else within one output ulp (vector vs scalar code; inputs aligned, so misaligned
+    gradient rows must send the kernel to the scalar path, or it faults on the misaligned access)."""
+    B, T, ws, wt, V, s_layout, t_layout, tau, work_split = LAYOUTS[layout]
+    n = B * T
+    base_s, base_t = rand_logits(n, V, pad=(ws - V, wt - V), device="cuda")
+    s = laid_out(base_s, dtypes[0], batch=B, **s_layout)
+    t = laid_out(base_t, dtypes[1], batch=B, **t_layout)
+    assert _rows_aligned16(s) and _rows_aligned16(t)
+    coef = torch.rand(n, device="cuda") + 0.5
+    coef[[2, n - 1]] = 0
+    s[2 // T, 2 % T] = NAN
+    t[(n - 1) // T, (n - 1) % T] = float("inf")
+    beta = 0.3
+    chunk_cols = work_split.get("chunk_cols", 0)
+    call = make_call(s, t, V, tau, divergence, beta)
+    stats = row_stats(s, t, coef, call)
+    want_s, want_t = fresh_backward(s, t, stats, coef, call, True,
+                                    lambda *a: cuda_rows.run_backward(*a, chunk_cols=chunk_cols))
+    atol = row_atol(flat(s), flat(t), coef, stats, V, tau)
+    for grads, want_teacher in (((grad_layout, "fresh"), True), (("fresh", grad_layout), True),
+                                ((grad_layout, grad_layout), False)):
+        gs, gt = run_and_check(s, t, coef, V, tau, divergence, beta, want_teacher, stats=stats, grads=grads,
+                               chunk_cols=chunk_cols)
+        pairs = [("grad_student", gs, want_s)] + ([("grad_teacher", gt, want_t)] if want_teacher else [])
+        for name, got, want in pairs:
+            if _rows_aligned16(got):   # the vector path, as for the fresh gradient
+                assert torch.equal(got, want), f"{name} rows {grads} differ from the contiguous result"
+            else:
+                g64, w64 = flat(got).double(), flat(want).double()
+                tol = ULP[got.dtype] * torch.maximum(g64.abs(), w64.abs()) + atol + 1e-30
+                worst = float(((g64 - w64).abs() / tol).max())
+                assert worst <= 1.0, f"{name} rows {grads}: off the contiguous result by {worst:.3g} x tol"
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -153,8 +211,9 @@ def test_chunked_rows(divergence, seed):
     """Few wide rows: the launcher splits each row over many blocks."""
     V = 151936
     s, t, coef = _problem(1, 3, V + 64, V, V, torch.bfloat16, torch.float32, masked=(1,))
-    for chunk_cols in (0, 2048, 4104):
-        run_and_check(s, t, coef, V, 1.0, divergence, 0.5, True, chunk_cols=chunk_cols)
+    for chunk_cols, grads in zip((0, 2048, 4104), (("fresh", "fresh"), ("causal", "inner"), ("odd_time_stride",
+                                                                                           "aligned_gaps"))):
+        run_and_check(s, t, coef, V, 1.0, divergence, 0.5, True, chunk_cols=chunk_cols, grads=grads)
 
 
 def test_no_teacher_gradient_and_empty(seed):
@@ -162,8 +221,8 @@ def test_no_teacher_gradient_and_empty(seed):
     run_and_check(s, t, coef, 4000, 1.0, "jsd", 0.5, False)
     for shape in ((0, 5, 64), (3, 0, 64)):
         e = torch.empty(shape, device="cuda")
-        gs, gt = cuda_rows.row_backward(e, e, torch.empty(NUM_STATS, 0, device="cuda"), torch.empty(0, device="cuda"),
-                                        make_call(e, e, 64, 1.0, "reverse_kl"), True)
+        gs, gt = fresh_backward(e, e, torch.empty(NUM_STATS, 0, device="cuda"), torch.empty(0, device="cuda"),
+                                make_call(e, e, 64, 1.0, "reverse_kl"), True)
         assert gs.shape == shape and gt.shape == shape
 
 
@@ -181,7 +240,7 @@ def test_non_default_stream(seed):
     with torch.cuda.stream(side):
         torch.cuda._sleep(50_000_000)   # ~tens of ms of GPU time queued before the copy
         s.copy_(s_src)
-        gs, gt = cuda_rows.row_backward(s, t, stats, coef, call, True)
+        gs, gt = fresh_backward(s, t, stats, coef, call, True)   # NaN-filled on the side stream, then written
     side.synchronize()
     atol = row_atol(flat(s), flat(t), coef, stats, V, 1.0)
     assert_close(flat(gs), want_s, "grad_student", atol)
@@ -192,12 +251,17 @@ def test_errors_are_clean():
     s = torch.randn(1, 4, 64, device="cuda")
     stats, coef = torch.zeros(NUM_STATS, 4, device="cuda"), torch.ones(4, device="cuda")
     call = make_call(s, s, 64, 1.0, "reverse_kl")
+    g = torch.empty_like(s)
     with pytest.raises(ValueError, match="cpu|device"):
-        cuda_rows.row_backward(s, s.cpu(), stats, coef, call, False)
+        cuda_rows.row_backward(s, s.cpu(), stats, coef, call, g, None)
     with pytest.raises(ValueError, match="stats"):
-        cuda_rows.row_backward(s, s, stats.cpu(), coef, call, False)
+        cuda_rows.row_backward(s, s, stats.cpu(), coef, call, g, None)
+    with pytest.raises(ValueError, match="grad_student"):
+        cuda_rows.row_backward(s, s, stats, coef, call, g.cpu(), None)
+    with pytest.raises(ValueError, match="grad_teacher"):
+        cuda_rows.row_backward(s, s, stats, coef, call, g, g.cpu())
     with pytest.raises(ValueError, match="emulated_threads"):
-        cuda_rows.run_backward(s, s, stats, coef, call, False, emulated_threads=2)
+        cuda_rows.run_backward(s, s, stats, coef, call, g, None, emulated_threads=2)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -205,7 +269,11 @@ def test_opcheck(divergence, seed):
     B, T, V = 2, 5, 1000
     s, t, coef = _problem(B, T, V + 24, V, V, torch.bfloat16, torch.float32, masked=(3,), sliced=True)
     call = make_call(s, t, V, 0.9, divergence, 0.3)
-    torch.library.opcheck(torch.ops.topd.cuda_row_backward, (s, t, row_stats(s, t, coef, call), coef, *call, True))
+    stats = row_stats(s, t, coef, call)
+    for grads in (("fresh", "fresh"), ("causal", "inner")):   # the mutating op: fresh and strided gradients
+        gs = grad_in_buffer(s.shape, s.dtype, "cuda", grads[0]).rows
+        for gt in (grad_in_buffer(t.shape, t.dtype, "cuda", grads[1]).rows, None):
+            torch.library.opcheck(torch.ops.topd.cuda_row_backward, (s, t, stats, coef, *call, gs, gt))
 
 
 def test_more_than_2_31_elements(seed):
@@ -218,9 +286,14 @@ def test_more_than_2_31_elements(seed):
     s, t, coef = _problem(2, T, V, V, V, torch.bfloat16, torch.bfloat16, masked=(n - 2,))
     call = make_call(s, t, V, 1.0, "reverse_kl")
     stats = row_stats(s, t, coef, call)
-    gs, _ = cuda_rows.row_backward(s, t, stats, coef, call, False)
+    # written into the rows of a (2, T + 1, V) gradient: the rows of b = 1 start past 2**31 elements
+    into = grad_in_buffer(s.shape, s.dtype, "cuda", "causal")
+    assert into.rows.stride(0) * (2 - 1) + into.rows.stride(1) * (T - 1) > 2**31
+    cuda_rows.row_backward(s, t, stats, coef, call, into.rows, None)
     torch.cuda.synchronize()
-    gs = flat(gs)
+    assert into.untouched_outside()
+    gs = flat(into.rows)
+    del into
     assert not gs.isnan().any()
     assert (gs[n - 2] == 0).all()
     rows = torch.tensor([0, n // 2, n - 3, n - 1], device="cuda")

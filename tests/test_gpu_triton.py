@@ -2,12 +2,15 @@
 
 Triton against the torch row backend on every row, and against the float64 reference on a subset of
 rows (to keep the reference cheap), through the registered row ops (`topd_kernels/rows/contract.py`).
-Outputs are NaN-poisoned before the kernels run. (tests/test_triton_rows.py runs on the GPU too, with
-the compiled kernels: the precision cases, large common offsets included, live there.)
+Outputs are NaN-poisoned before the kernels run; gradients are also written into the rows of larger
+NaN-filled buffers (the causal grad_base[:, :-1] of functional.py, and past 2^31 elements), which must match
+the fresh contiguous result bit for bit with nothing outside the rows touched. (tests/test_triton_rows.py runs
+on the GPU too, with the compiled kernels: the precision cases, large common offsets included, live there.)
 """
 import pytest
 import torch
 
+from row_cases import grad_rows_in_buffer
 from topd_kernels import reference
 from topd_kernels.config import DIVERGENCE_CODES
 from topd_kernels.rows import torch_rows
@@ -47,6 +50,21 @@ def run(rows, student, teacher, V, tau, divergence, coef, teacher_grad, mask=Non
     stats = rows.OPS.forward(s3, t3, mask, call)
     grad_s, grad_t = rows.OPS.backward(s3, t3, stats, coef, call, teacher_grad)
     return stats, grad_s.view(n, -1), None if grad_t is None else grad_t.view(n, -1)
+
+
+def check_written_into_rows(rows, student, teacher, stats, coef, call, want, layout="causal"):
+    """The backward writing into strided rows of NaN-filled buffers (row_cases.grad_rows_in_buffer) gives
+    `want` (the fresh contiguous (grad_student, grad_teacher or None), viewed (N, V*)) bit for bit, and
+    leaves everything outside the rows NaN."""
+    s3, t3 = as_rows(student), as_rows(teacher)
+    into_s = grad_rows_in_buffer(s3.shape, s3.dtype, "cuda", layout)
+    into_t = None if want[1] is None else grad_rows_in_buffer(t3.shape, t3.dtype, "cuda", layout)
+    rows.OPS.backward_into(s3, t3, stats, coef, call, into_s.rows, None if into_t is None else into_t.rows)
+    for into, expected in ((into_s, want[0]), (into_t, want[1])):
+        if into is None:
+            continue
+        assert torch.equal(into.rows.reshape(expected.shape), expected)
+        assert into.untouched_outside()
 
 
 def row_subset(x, subset):
@@ -124,6 +142,10 @@ def test_realistic_shapes_match_torch_and_reference(nan_poisoned_empty, V, diver
     subset = torch.cat([torch.arange(0, 16), torch.arange(N - 16, N)]).cuda()
     subset = subset[mask[subset]]
     check_against_float64(stats, (gs, gt), student, teacher, V, 1.0, divergence, coef, subset)
+    # the gradients written into the rows of grad_base[:, :-1] (functional.py's causal shift), in place
+    del ref_stats, ref_gs, ref_gt
+    call = make_row_call(student, teacher, V, 1.0, DIVERGENCE_CODES[divergence], BETA)
+    check_written_into_rows(tr, student, teacher, stats, coef, call, (gs, gt))
 
 
 def test_int64_offsets(nan_poisoned_empty):
@@ -139,6 +161,9 @@ def test_int64_offsets(nan_poisoned_empty):
     assert torch.isfinite(stats).all() and torch.isfinite(gs).all()
     subset = torch.cat([torch.arange(0, 8), torch.arange(14130, 14140), torch.arange(N - 8, N)]).cuda()
     check_against_float64(stats, (gs, None), student, teacher, V, 0.7, "reverse_kl", coef, subset)
+    # written into strided rows whose offsets pass 2^31 too (b * stride_b + t * stride_t in 64 bits)
+    call = make_row_call(student, teacher, V, 0.7, DIVERGENCE_CODES["reverse_kl"], BETA)
+    check_written_into_rows(tr, student, teacher, stats, coef, call, (gs, None), layout="inner")
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -160,7 +185,8 @@ def test_autotuned_path_matches_default(monkeypatch, divergence):
 @pytest.mark.parametrize("want_teacher", [True, False])
 def test_opcheck_triton_ops(want_teacher):
     """The registered ops pass torch.library.opcheck on CUDA tensors (schema, fake tensors traced through
-    wrap_triton, autograd registration, AOT dispatch), with strided (B, T, V) views and a mask."""
+    wrap_triton, autograd registration, AOT dispatch; the backward's declared mutation of its gradients),
+    with strided (B, T, V) views, a mask, and gradients that are strided rows of larger tensors."""
     tr = triton_rows_module()
     student, teacher = logits(2 * 9, 300, dtype=torch.float32, pad=(5, 20), seed=4)
     student, teacher = student.view(2, 9, -1)[:, 1:], teacher.to(torch.bfloat16).view(2, 9, -1)[:, :-1]
@@ -170,7 +196,10 @@ def test_opcheck_triton_ops(want_teacher):
         torch.library.opcheck(tr.OPS.forward_op, (student, teacher, mask, *call))
         stats = tr.OPS.forward(student, teacher, mask, call)
         coef = torch.randn(16, device="cuda") * mask
-        torch.library.opcheck(tr.OPS.backward_op, (student, teacher, stats, coef, *call, want_teacher))
+        grad_s = torch.zeros(2, 9, student.shape[-1], device="cuda")[:, :-1]
+        grad_t = torch.zeros(2, 9, teacher.shape[-1], dtype=teacher.dtype, device="cuda")[:, 1:] \
+            if want_teacher else None
+        torch.library.opcheck(tr.OPS.backward_op, (student, teacher, stats, coef, *call, grad_s, grad_t))
 
 
 def test_full_loss_on_gpu(seed):

@@ -12,6 +12,7 @@ import torch
 import topd_kernels
 from common import BACKENDS, BETA, DEVICE, DIVERGENCES, TOPD
 from loss_cases import check_backend, make_problem
+from topd_kernels.reference import window_kl_reference
 from topd_kernels.rows import torch_rows
 
 
@@ -150,27 +151,55 @@ def test_column_slices(seed, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("span", [(0, -1), (5, -1), (1, -2)])
-def test_sliced_views_read_in_place(seed, backend, span):
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_sliced_views_read_in_place(seed, backend, span, teacher_grad):
     """`logits[:, a:b]` (the causal shift, a prompt cut off) gives exactly what its contiguous copy gives,
-    and the copy's result is checked against the reference; the base tensor gets the view's gradient."""
+    and the copy's result is checked against the reference; each base tensor that needs a gradient gets
+    the view's gradient in its rows and exact zeros elsewhere."""
     base_s = torch.randn(3, 24, 301, device=DEVICE) * 3
     base_t = 0.6 * torch.randn(3, 24, 301, device=DEVICE) * 3 + 0.8 * base_s
-    view_s, view_t = base_s[:, span[0]:span[1]], base_t[:, span[0]:span[1]]
+    cut = slice(span[0], span[1])
+    view_s, view_t = base_s[:, cut], base_t[:, cut]
     assert not view_s.is_contiguous()
     mask = torch.rand(view_s.shape[:2], device=DEVICE) > 0.2
-    kwargs = dict(mask=mask, divergence="reverse_kl", reduction="none", **TOPD)
-    copy = run(backend, view_s.contiguous(), view_t.contiguous(), **kwargs)
-    leaf = base_s.clone().requires_grad_(True)
-    loss, stats = topd_kernels.fused_window_kl(leaf[:, span[0]:span[1]], view_t, backend=backend,
+    kwargs = dict(mask=mask, divergence="jsd", beta=BETA, reduction="none", **TOPD)
+    copy_s = view_s.contiguous().requires_grad_(True)
+    copy_t = view_t.contiguous().requires_grad_(teacher_grad)
+    copy_loss, copy_stats = topd_kernels.fused_window_kl(copy_s, copy_t, backend=backend, return_stats=True,
+                                                         **kwargs)
+    leaf_s = base_s.clone().requires_grad_(True)
+    leaf_t = base_t.clone().requires_grad_(teacher_grad)
+    loss, stats = topd_kernels.fused_window_kl(leaf_s[:, cut], leaf_t[:, cut], backend=backend,
                                                return_stats=True, **kwargs)
-    (grad,) = torch.autograd.grad(loss.sum(), leaf)
-    assert torch.equal(loss, copy[0]) and all(torch.equal(a, b) for a, b in zip(stats, copy[1]))
-    assert torch.equal(grad[:, span[0]:span[1]], copy[2])
+    assert torch.equal(loss, copy_loss) and all(torch.equal(a, b) for a, b in zip(stats, copy_stats))
+    upstream = torch.randn_like(loss)
+    inputs = (leaf_s, leaf_t) if teacher_grad else (leaf_s,)
+    copies = (copy_s, copy_t) if teacher_grad else (copy_s,)
+    grads = torch.autograd.grad(loss, inputs, upstream)
+    copy_grads = torch.autograd.grad(copy_loss, copies, upstream)
     outside = torch.ones(24, dtype=torch.bool)
-    outside[span[0]:24 + span[1]] = False
-    assert torch.equal(grad[:, outside], torch.zeros_like(grad[:, outside]))
+    outside[cut] = False
+    for grad, copy_grad in zip(grads, copy_grads):
+        assert torch.equal(grad[:, cut], copy_grad)
+        assert torch.equal(grad[:, outside], torch.zeros_like(grad[:, outside]))
     check_backend(backend, dict(student=view_s.contiguous(), teacher=view_t.contiguous(), mask=mask,
-                                cu_seqlens=None, vocab_size=None), reduction="none", **TOPD)
+                                cu_seqlens=None, vocab_size=None), teacher_grad=teacher_grad,
+                  **{k: v for k, v in kwargs.items() if k != "mask"})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_views_that_keep_their_own_gradient(seed, backend):
+    """Views whose rows share memory (an expanded teacher) or whose base needs no gradient get a gradient of
+    their own, as any tensor: autograd takes it from there."""
+    student_base = torch.randn(2, 9, 64, device=DEVICE, requires_grad=True)
+    teacher_row = torch.randn(1, 9, 64, device=DEVICE, requires_grad=True)
+    teacher = teacher_row.expand(2, 9, 64)
+    loss = topd_kernels.fused_window_kl(student_base[:, :-1], teacher[:, :-1], backend=backend, **TOPD)
+    grads = torch.autograd.grad(loss, (student_base, teacher_row))
+    ref = window_kl_reference(student_base[:, :-1], teacher[:, :-1], **TOPD)
+    ref_grads = torch.autograd.grad(ref, (student_base, teacher_row))
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -4,8 +4,8 @@ The interpreter runs the kernels' Python, not Triton's compiler: type errors in 
 unsupported ops or register spills would only show on a GPU. Triton can compile ahead of time for a
 given target with its bundled ptxas and no device, so this test does that in a subprocess (the test
 session itself runs with TRITON_INTERPRET=1, under which the kernels are interpreter objects). It also
-checks that the row offsets ((b, t) = divmod(i, T), b * stride_b + t * stride_t, and the gradient rows
-i * width) are computed in 64 bits, that torch.library.triton_op finds both kernels in the ops' bodies
+checks that the row offsets ((b, t) = divmod(i, T), then b * stride_b + t * stride_t for every row pointer:
+student, teacher and, in the backward, each gradient with strides of its own) are computed in 64 bits, that torch.library.triton_op finds both kernels in the ops' bodies
 (they enter torch.compile's cache keys; under the interpreter it cannot see them), and compiles the
 hand-rounded bf16 output path (SOFT_BF16, used by the interpreter and by a GPU test) too. On a CUDA
 machine the GPU tests compile the kernels for real, so this one is skipped there.
@@ -38,17 +38,22 @@ SCRIPT = textwrap.dedent(r"""
         found = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out))
         return {k: int(v) for k, v in found.items()}
 
-    def i64_rows(ttir, grad_rows):
-        # (b, t) = divmod(i, T) in 64 bits, b * stride_b and t * stride_t (student and teacher) in 64 bits,
-        # and the contiguous gradient rows i * width in 64 bits
+    def i64_rows(ttir, pointers):
+        # (b, t) = divmod(i, T) in 64 bits; for each row pointer (p_s_row, p_t_row and the gradients' p_gs_row,
+        # p_gt_row), b * its stride_b and t * its stride_t in 64 bits and the pointer advanced by an i64
+        # offset; no other (b, t) product (a gradient addressed as i * width would show up here as missing).
         divmod64 = all(re.search(rf"arith\.{op} %i_n\w*, \S+ : i64", ttir) for op in ("divsi", "remsi"))
         row_muls = re.findall(r"arith\.muli %i_[bt]\w*, \S+ : (\w+)", ttir)
-        grad_muls = re.findall(r"= arith\.muli %i_n\w*, %p_g[st]_row\w* : (\w+)", ttir)
-        return bool(divmod64 and len(row_muls) == 4 and set(row_muls) == {"i64"}
-                    and len(grad_muls) >= grad_rows and set(grad_muls) <= {"i64"})
+        each = all(
+            sorted(re.findall(rf"%{p}\w* = arith\.muli %i_([bt])\w*, %{p}\w* : (\w+)", ttir))
+            == [("b", "i64"), ("t", "i64")]
+            and re.search(rf"%{p}\w* = tt\.addptr %\w+, %{p}\w* : \S+, i64", ttir)
+            for p in pointers)
+        return bool(divmod64 and each and len(row_muls) == 2 * len(pointers) and set(row_muls) == {"i64"})
 
     ints = lambda names: {n: "i32" for n in names}
     rows = ["stride_student_b", "stride_student_t", "stride_teacher_b", "stride_teacher_t", "length"]
+    grad_rows = ["stride_gs_b", "stride_gs_t", "stride_gt_b", "stride_gt_t"]
     scalars = {"inv_temperature": "fp32", "beta": "fp32", "log_one_minus_beta": "fp32", "log_beta": "fp32"}
     results = []
     for div in (0, 1, 2):
@@ -58,20 +63,22 @@ SCRIPT = textwrap.dedent(r"""
                    "DIVERGENCE": "constexpr", "BLOCK_V": "constexpr"}
             k = triton.compile(ASTSource(tr._row_forward_kernel, sig, constexprs={"DIVERGENCE": div, "BLOCK_V": 4096}),
                                target=target, options={"num_warps": 8})
-            results.append(dict(kernel="forward", div=div, dtypes=[ds, dt], i64=i64_rows(k.asm["ttir"], 0),
+            results.append(dict(kernel="forward", div=div, dtypes=[ds, dt],
+                                i64=i64_rows(k.asm["ttir"], ["p_s_row", "p_t_row"]),
                                 **resources(k)))
             for has_gt, soft in ((True, False), (False, False), (True, True)):
                 sig = {"p_student": ds, "p_teacher": dt, "p_stats": "*fp32", "p_coef": "*fp32",
                        "p_grad_student": ds, "p_grad_teacher": dt,
-                       **ints(rows + ["stride_stats_k", "stride_stats_n", "stride_coef", "width_student",
-                                      "width_teacher", "vocab_size"]), **scalars,
+                       **ints(rows + grad_rows + ["stride_stats_k", "stride_stats_n", "stride_coef",
+                                                  "width_student", "width_teacher", "vocab_size"]), **scalars,
                        "DIVERGENCE": "constexpr", "HAS_GRAD_TEACHER": "constexpr", "SOFT_BF16": "constexpr",
                        "BLOCK_V": "constexpr"}
                 k = triton.compile(ASTSource(tr._row_backward_kernel, sig, constexprs={
                     "DIVERGENCE": div, "HAS_GRAD_TEACHER": has_gt, "SOFT_BF16": soft, "BLOCK_V": 4096}),
                     target=target, options={"num_warps": 8})
                 results.append(dict(kernel="backward", div=div, dtypes=[ds, dt], teacher_grad=has_gt, soft_bf16=soft,
-                                    i64=i64_rows(k.asm["ttir"], 1 + has_gt),
+                                    i64=i64_rows(k.asm["ttir"], ["p_s_row", "p_t_row", "p_gs_row"]
+                                                 + (["p_gt_row"] if has_gt else [])),
                                     **resources(k)))
     # the kernels torch.library.triton_op found in the op bodies (they key torch.compile's caches)
     found = {op: [getattr(k, "fn", k).__name__ for k in get_triton_kernels_for_op(f"topd::triton_row_{op}")]

@@ -14,7 +14,10 @@ exceed a small multiple of the error of plain PyTorch doing the same computation
 gradient's cast (the kernels round it to nearest even), plus for the gradient the rounding of the float32
 statistics that the row contract hands to the backward (see check_rows).
 
-Every output is NaN-filled before the kernel runs, so an element the kernel fails to write fails.
+Every output is NaN-filled before the kernel runs, so an element the kernel fails to write fails. The
+backward writes into gradients the caller allocates (the row contract): fresh contiguous ones through
+`OPS.backward`, and strided rows of larger NaN-filled buffers, which must come out bit for bit the same
+with nothing outside them touched (test_gradients_written_into_strided_rows).
 """
 import os
 import subprocess
@@ -23,7 +26,8 @@ import sys
 import pytest
 import torch
 
-from row_cases import NAN, ULP, assert_close, rand_logits, row_atol, stats_rounding_allowance, truth
+from row_cases import (GRAD_LAYOUTS, NAN, ULP, assert_close, grad_rows_in_buffer, rand_logits, row_atol,
+                       stats_rounding_allowance, truth)
 from topd_kernels import reference
 from topd_kernels.config import DIVERGENCE_CODES
 from topd_kernels.rows import triton_rows as tr
@@ -380,23 +384,129 @@ def test_empty_batch(shape):
     assert stats.shape == (NUM_STATS, 0) and stats.dtype == torch.float32
     grad_s, grad_t = tr.OPS.backward(student, teacher, stats, torch.zeros(0, device=DEVICE), call, True)
     assert grad_s.shape == student.shape and grad_t.shape == teacher.shape and grad_t.dtype == torch.bfloat16
-    grad_s, grad_t = tr.row_backward(student, teacher, stats, torch.zeros(0, device=DEVICE), call, False)
-    assert grad_t.shape == (0,) and grad_t.dtype == torch.bfloat16
+    grad_s, grad_t = tr.OPS.backward(student, teacher, stats, torch.zeros(0, device=DEVICE), call, False)
+    assert grad_s.shape == student.shape and grad_t is None
+    # the raw function writes nothing (there are no rows), with or without a teacher gradient, strided or not
+    into_s = grad_rows_in_buffer(shape, torch.float32, DEVICE)
+    into_t = grad_rows_in_buffer(shape[:2] + (80,), torch.bfloat16, DEVICE, "transposed")
+    for grad_teacher in (into_t.rows, None):
+        assert tr.row_backward(student, teacher, stats, torch.zeros(0, device=DEVICE), call, into_s.rows,
+                               grad_teacher) is None
+    assert into_s.buffer.isnan().all() and into_t.buffer.isnan().all()
 
 
-def test_op_results_are_fresh_and_inputs_unchanged(seed):
-    """The raw op returns a fresh contiguous grad_student and an empty (0,) grad_teacher without the
-    teacher gradient; the inputs are not modified."""
+@pytest.mark.parametrize("want_teacher", [True, False])
+def test_op_writes_its_gradients_and_leaves_inputs_unchanged(seed, want_teacher):
+    """The raw op returns nothing and writes the gradients it is handed (all of them: NaN-filled before),
+    the same as the convenience RowOps.backward (fresh contiguous tensors, not the inputs); without the
+    teacher gradient (None) it writes only the student's; the inputs are not modified."""
     student, teacher = (x.to(DEVICE).view(2, 2, -1) for x in rand_logits(4, 300, pad=(0, 12)))
     s0, t0 = student.clone(), teacher.clone()
     mask = torch.tensor([True, True, False, True], device=DEVICE)
     call = make_row_call(student, teacher, 300, 1.0, 2, BETA)
     stats = tr.OPS.forward_op(student, teacher, mask, *call)
     stats0 = stats.clone()
-    grad_s, grad_t = tr.OPS.backward_op(student, teacher, stats, torch.ones(4, device=DEVICE) * mask, *call, False)
-    assert grad_t.shape == (0,) and grad_s.is_contiguous() and grad_s.data_ptr() != student.data_ptr()
+    coef = torch.ones(4, device=DEVICE) * mask
+    grad_s = torch.full(student.shape, NAN, device=DEVICE)
+    grad_t = torch.full(teacher.shape, NAN, device=DEVICE) if want_teacher else None
+    assert tr.OPS.backward_op(student, teacher, stats, coef, *call, grad_s, grad_t) is None
+    fresh_s, fresh_t = tr.OPS.backward(student, teacher, stats, coef, call, want_teacher)
+    assert fresh_s.is_contiguous() and fresh_s.data_ptr() not in (student.data_ptr(), grad_s.data_ptr())
+    assert torch.isfinite(grad_s).all() and torch.equal(grad_s, fresh_s)
+    if want_teacher:
+        assert fresh_t.is_contiguous() and fresh_t.data_ptr() not in (teacher.data_ptr(), grad_t.data_ptr())
+        assert torch.isfinite(grad_t).all() and torch.equal(grad_t, fresh_t)
+    else:
+        assert fresh_t is None
     for now, before in ((student, s0), (teacher, t0), (stats, stats0)):   # NaN-aware (NaN padding)
         assert torch.equal(now.isnan(), before.isnan()) and torch.equal(now.nan_to_num(), before.nan_to_num())
+
+
+GRAD_DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float16),
+    (torch.float16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("dtypes", GRAD_DTYPE_PAIRS, ids=dtype_ids)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_gradients_written_into_strided_rows(seed, monkeypatch, divergence, dtypes):
+    """Gradients handed in as strided rows of larger NaN-filled buffers (row_cases.GRAD_LAYOUTS: both leading
+    strides and an offset, the causal grad_base[:, :-1], a transposed (T, B) layout), through the registered
+    op: every row is written exactly as the fresh contiguous result (zero rows for coef == 0, whose logits are
+    NaN; zero padding columns), and nothing outside the rows is touched (still NaN), for the student's and the
+    teacher's gradient; without the teacher gradient only the student's rows are written. Inputs are strided
+    views too; several blocks per row."""
+    block(monkeypatch, 128)
+    B, T, V = 2, 3, 300
+    base_s, base_t = rand_logits(B * (T + 1), V, pad=(5, 40))
+    student = base_s.to(dtypes[0]).to(DEVICE).view(B, T + 1, -1)[:, 1:]
+    teacher = base_t.to(dtypes[1]).to(DEVICE).view(B, T + 1, -1)[:, :-1, :V + 11]
+    coef = torch.randn(B * T, device=DEVICE)
+    coef[[1, 5]] = 0.0
+    student[0, 1], teacher[1, 2] = NAN, NAN   # rows 1 and 5: coef 0, not read
+    call = make_row_call(student, teacher, V, 0.7, DIVERGENCE_CODES[divergence], BETA)
+    stats = tr.OPS.forward(student, teacher, coef != 0, call)
+    want_s, want_t = tr.OPS.backward(student, teacher, stats, coef, call, True)
+    assert torch.isfinite(want_s).all() and torch.isfinite(want_t).all()
+    assert torch.equal(flat(want_s)[[1, 5]], torch.zeros_like(flat(want_s)[[1, 5]]))
+    for layout_s, layout_t in zip(GRAD_LAYOUTS, GRAD_LAYOUTS[1:] + GRAD_LAYOUTS[:1]):
+        into_s = grad_rows_in_buffer(student.shape, student.dtype, DEVICE, layout_s)
+        into_t = grad_rows_in_buffer(teacher.shape, teacher.dtype, DEVICE, layout_t)
+        assert not into_s.rows.is_contiguous() and not into_t.rows.is_contiguous()
+        tr.OPS.backward_into(student, teacher, stats, coef, call, into_s.rows, into_t.rows)
+        assert torch.equal(into_s.rows, want_s), f"grad_student rows ({layout_s})"
+        assert torch.equal(into_t.rows, want_t), f"grad_teacher rows ({layout_t})"
+        assert into_s.untouched_outside(), f"grad_student: written outside its rows ({layout_s})"
+        assert into_t.untouched_outside(), f"grad_teacher: written outside its rows ({layout_t})"
+        # without the teacher gradient: the student's rows alone (the dummy teacher pointer is never written)
+        only_s = grad_rows_in_buffer(student.shape, student.dtype, DEVICE, layout_t)
+        tr.OPS.backward_into(student, teacher, stats, coef, call, only_s.rows, None)
+        assert torch.equal(only_s.rows, want_s) and only_s.untouched_outside(), f"student alone ({layout_t})"
+
+
+def test_bad_gradients_are_refused():
+    """The kernel writes through the gradients' sizes and strides: a wrong shape, dtype or device, a
+    non-unit last stride, or rows that overlap (an expanded tensor, positions closer than a row) are refused
+    before any launch, for the student's and the teacher's gradient (by the contract's check in every
+    backward op, which this drives through the Triton op)."""
+    student, teacher = rand_logits(6, 64, pad=(0, 8))
+    student, teacher = student.to(DEVICE).view(2, 3, -1), teacher.to(torch.bfloat16).to(DEVICE).view(2, 3, -1)
+    call = make_row_call(student, teacher, 64, 1.0, 0, BETA)
+    stats = tr.OPS.forward(student, teacher, torch.ones(6, dtype=torch.bool, device=DEVICE), call)
+    coef = torch.ones(6, device=DEVICE)
+
+    def bad_forms(like):
+        B, T, W = like.shape
+        zeros = lambda *shape, dtype=like.dtype: torch.zeros(shape, dtype=dtype, device=DEVICE)  # noqa: E731
+        forms = {
+            "shape": zeros(B, T, W - 1),
+            "dtype": zeros(B, T, W, dtype=torch.float16),
+            "last stride": zeros(B, T, 2 * W)[..., ::2],
+            "overlapping rows": zeros(1, 1, W).expand(B, T, W),
+            "overlapping positions": zeros(B * T * W).as_strided((B, T, W), (T * W, W // 2, 1)),
+            "overlapping batches": zeros(B * T * W).as_strided((B, T, W), (W, W, 1)),
+        }
+        if DEVICE != "cpu":
+            forms["device"] = torch.zeros(like.shape, dtype=like.dtype)
+        return forms
+
+    good_s, good_t = torch.full_like(student, NAN), torch.full_like(teacher, NAN)
+    for grad in bad_forms(student).values():
+        with pytest.raises(ValueError, match="grad_student"):
+            tr.OPS.backward_into(student, teacher, stats, coef, call, grad, good_t)
+    for grad in bad_forms(teacher).values():
+        with pytest.raises(ValueError, match="grad_teacher"):
+            tr.OPS.backward_into(student, teacher, stats, coef, call, good_s, grad)
+    assert good_s.isnan().all() and good_t.isnan().all()   # nothing written by a refused call
+    # accepted: disjoint rows in any order of the leading strides (a transposed (T, B) layout, interleaved rows)
+    transposed_t = torch.full_like(teacher.transpose(0, 1), NAN).transpose(0, 1)
+    B, T, W = student.shape
+    interleaved_s = torch.full((B * T * W,), NAN, device=DEVICE).as_strided((B, T, W), (W, 2 * W, 1))
+    tr.OPS.backward_into(student, teacher, stats, coef, call, interleaved_s, transposed_t)
+    want_s, want_t = tr.OPS.backward(student, teacher, stats, coef, call, True)
+    assert torch.equal(interleaved_s, want_s) and torch.equal(transposed_t, want_t)
 
 
 def test_launch_config(monkeypatch):

@@ -3,16 +3,22 @@
 Forward:  row ops' statistics (rows.contract.Stat) -> window step -> c_t d_t -> reduction.
 Backward: the weights carry no gradient, so d loss / d z = sum_t coef_t dd_t/dz with
           coef_t = c_t * (upstream gradient of loss_t) / denominator; the row ops recompute the
-          probabilities from the saved maxima and log-sums and return coef_t dd_t/dz.
+          probabilities from the saved maxima and log-sums and write coef_t dd_t/dz into the gradient
+          (for a view such as `logits[:, :-1]`, into the rows of its base's gradient: `_autograd_source`).
 Saved for backward: the inputs (references, no copies), the statistics and c: O(N) floats.
+With `vocab_parallel_group` the row ops run on this rank's columns and the group combines their statistics
+(rows/vocab_parallel.py): the rest is the same on every rank.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from .config import LossConfig, WindowKLStats, config_signature, split_config
 from .layout import flatten_inputs
-from .rows.contract import RowCall, RowOps, Stat, make_row_call
+from .rows import vocab_parallel
+from .rows.contract import RowCall, RowOps, Stat, make_row_call, rows_disjoint
 from .rows.registry import resolve
 from .window import window_step
 
@@ -28,10 +34,47 @@ def _denominator(cfg: LossConfig, mask: torch.Tensor, num_seqs: int):
     return mask.sum().clamp(min=1).to(torch.float32)
 
 
+Geometry = Optional[tuple]  # (size, stride, storage offset) of (B, T, V) rows inside a tensor; None: the tensor
+
+
+def _autograd_source(rows: torch.Tensor) -> tuple:
+    """(the tensor handed to the Function for these rows, the rows' geometry inside it).
+
+    A view such as `logits[:, :-1]` whose base needs a gradient is handed over as its base: the backward then
+    writes the view's rows straight into the base's gradient (zeros elsewhere), where autograd's slice
+    backward would scatter a second N x V gradient into it. Not while compiling (the compiler handles views
+    itself), nor for views with overlapping rows (an expanded teacher) or of another dtype.
+    """
+    base = rows._base if not torch.compiler.is_compiling() else None
+    if (base is None or not rows.requires_grad or not base.requires_grad or not base.is_contiguous()
+            or base.dtype != rows.dtype or not rows_disjoint(rows)):
+        return rows, None
+    return base, (tuple(rows.shape), rows.stride(), rows.storage_offset() - base.storage_offset())
+
+
+def _rows_of(tensor: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """The (B, T, V) rows inside `tensor` (a Function input, or a tensor laid out as one)."""
+    if geometry is None:
+        return tensor
+    size, stride, offset = geometry
+    return tensor.as_strided(size, stride, tensor.storage_offset() + offset)
+
+
+def _gradient(source: torch.Tensor, geometry: Geometry) -> tuple:
+    """(the gradient of `source`, its rows), for the row backward to write into."""
+    grad = torch.empty(source.shape, dtype=source.dtype, device=source.device)
+    rows = _rows_of(grad, geometry)
+    if rows.numel() != grad.numel():  # the rows cover part of the base: the rest gets no gradient
+        grad.zero_()
+    return grad, rows
+
+
 class _WindowKLFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, mask, seq_id, num_seqs, cfg: LossConfig, call: RowCall, ops: RowOps):
-        stats = ops.forward(student, teacher, mask, call)
+    def forward(ctx, student, teacher, geometries, mask, seq_id, num_seqs, cfg: LossConfig, call: RowCall,
+                ops: RowOps):
+        student_rows, teacher_rows = _rows_of(student, geometries[0]), _rows_of(teacher, geometries[1])
+        stats = ops.forward(student_rows, teacher_rows, mask, call)
         step = window_step(stats[Stat.KL], mask, seq_id, cfg)
         loss = step.weight * step.kl
         denominator = _denominator(cfg, mask, num_seqs)
@@ -40,24 +83,27 @@ class _WindowKLFunction(torch.autograd.Function):
             if denominator is not None:
                 loss = loss / denominator
         ctx.save_for_backward(student, teacher, stats, step.weight)
-        ctx.call, ctx.ops, ctx.denominator = call, ops, denominator
+        ctx.geometries, ctx.call, ctx.ops, ctx.denominator = geometries, call, ops, denominator
         ctx.mark_non_differentiable(*step)
         return (loss, *step)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
         student, teacher, stats, weight = ctx.saved_tensors
+        geometry_s, geometry_t = ctx.geometries
         coef = weight * grad_loss.to(torch.float32)
         if ctx.denominator is not None:
             coef = coef / ctx.denominator
-        grad_student, grad_teacher = ctx.ops.backward(student, teacher, stats, coef.contiguous(), ctx.call,
-                                                      ctx.needs_input_grad[1])
-        return grad_student, grad_teacher, None, None, None, None, None, None
+        grad_student, student_grad_rows = _gradient(student, geometry_s)
+        grad_teacher, teacher_grad_rows = _gradient(teacher, geometry_t) if ctx.needs_input_grad[1] else (None, None)
+        ctx.ops.backward_into(_rows_of(student, geometry_s), _rows_of(teacher, geometry_t), stats,
+                              coef.contiguous(), ctx.call, student_grad_rows, teacher_grad_rows)
+        return grad_student, grad_teacher, None, None, None, None, None, None, None
 
 
 @config_signature
 def fused_window_kl(student_logits, teacher_logits, *, mask=None, cu_seqlens=None, return_stats=False,
-                    backend="auto", **config):
+                    backend="auto", vocab_parallel_group=None, **config):
     """The trajectory-aware on-policy distillation loss (semantics: docs/SPEC.md, `reference.py`).
 
     Args:
@@ -68,6 +114,10 @@ def fused_window_kl(student_logits, teacher_logits, *, mask=None, cu_seqlens=Non
         cu_seqlens: int (S + 1,) sequence boundaries [0, ..., N], packed layout only.
         return_stats: also return a WindowKLStats.
         backend: "auto" | "torch" | "triton" | "triton+cuda" (`topd_kernels.rows.registry`).
+        vocab_parallel_group: None, or a torch.distributed process group of P ranks across which the
+            vocabulary is split (SPEC "Vocabulary-parallel"): rank r holds columns [r V_r, (r + 1) V_r) of
+            both logits, the same V_r on every rank (vocab_size counts global columns). Every rank gets the
+            loss and statistics of the whole vocabulary and the gradient of its own columns.
         **config: the loss's knobs, `topd_kernels.LossConfig` (divergence, beta, temperature, window,
             gamma, loss_threshold, div_threshold, suppress_weight, guidance_weight, reduction,
             num_items, vocab_size).
@@ -87,12 +137,15 @@ def fused_window_kl(student_logits, teacher_logits, *, mask=None, cu_seqlens=Non
     cfg, unknown = split_config(config)
     if unknown:
         raise TypeError(f"fused_window_kl: unexpected keyword argument(s) {sorted(unknown)}")
-    rows = flatten_inputs(student_logits, teacher_logits, mask, cu_seqlens, cfg)
-    ops = resolve(backend, rows.student.device)
-    call = make_row_call(rows.student, rows.teacher, rows.vocab_size, cfg.temperature, cfg.divergence_code,
-                         cfg.beta)
-    loss, *step = _WindowKLFunction.apply(rows.student, rows.teacher, rows.mask, rows.seq_id, rows.num_seqs,
-                                          cfg, call, ops)
+    rows = flatten_inputs(student_logits, teacher_logits, mask, cu_seqlens, cfg,
+                          vocab_shards=vocab_parallel.group_size(vocab_parallel_group))
+    ops, vocab = resolve(backend, rows.student.device), rows.vocab_size
+    if vocab_parallel_group is not None:
+        ops, vocab = vocab_parallel.on_shard(ops, vocab_parallel_group, rows.student, rows.teacher, vocab)
+    call = make_row_call(rows.student, rows.teacher, vocab, cfg.temperature, cfg.divergence_code, cfg.beta)
+    (student, geometry_s), (teacher, geometry_t) = _autograd_source(rows.student), _autograd_source(rows.teacher)
+    loss, *step = _WindowKLFunction.apply(student, teacher, (geometry_s, geometry_t), rows.mask, rows.seq_id,
+                                          rows.num_seqs, cfg, call, ops)
     if cfg.reduction == "none":
         loss = loss.reshape(rows.shape)
     if not return_stats:
@@ -107,12 +160,13 @@ class WindowKLLoss(torch.nn.Module):
     returns what `fused_window_kl` returns with this configuration.
     """
 
-    def __init__(self, *, return_stats: bool = False, backend: str = "auto", **config):
+    def __init__(self, *, return_stats: bool = False, backend: str = "auto", vocab_parallel_group=None, **config):
         super().__init__()
         cfg, unknown = split_config(config)
         if unknown:
             raise TypeError(f"WindowKLLoss: unexpected keyword argument(s) {sorted(unknown)}")
-        self.config = dict(config, return_stats=return_stats, backend=backend)
+        self.config = dict(config, return_stats=return_stats, backend=backend,
+                           vocab_parallel_group=vocab_parallel_group)
 
     def forward(self, student_logits, teacher_logits, mask=None, cu_seqlens=None):
         return fused_window_kl(student_logits, teacher_logits, mask=mask, cu_seqlens=cu_seqlens, **self.config)

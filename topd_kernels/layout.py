@@ -8,7 +8,7 @@ Nothing here reads tensor values on an accelerator (no host synchronisation).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -26,7 +26,7 @@ class Rows(NamedTuple):
     seq_id: torch.Tensor     # int64 (N,): which sequence each row belongs to
     num_seqs: int            # B, the number of packed sequences, or 1
     shape: tuple             # the leading dims: (B, T) or (N,)
-    vocab_size: int          # V: the number of leading logit columns used
+    vocab_size: int          # V: the number of leading logit columns used (global ones with vocab_shards)
 
 
 def _row_grid(x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +77,14 @@ def _check_cu_seqlens(cu: torch.Tensor, n_rows: int, device: torch.device) -> No
                             "cu_seqlens: must start at 0, be non-decreasing and end at N")
 
 
-def flatten_inputs(student, teacher, mask, cu_seqlens, cfg: LossConfig, dtypes=LOGIT_DTYPES) -> Rows:
-    """Validate the tensors against each other and `cfg`, and view them as rows."""
+def flatten_inputs(student, teacher, mask, cu_seqlens, cfg: LossConfig, dtypes=LOGIT_DTYPES,
+                   vocab_shards: Optional[int] = None) -> Rows:
+    """Validate the tensors against each other and `cfg`, and view them as rows.
+
+    vocab_shards: the number of ranks of a vocabulary-parallel group, whose logits are one rank's columns
+    (SPEC "Vocabulary-parallel"); None without one. Their widths are then checked across the group by
+    rows/vocab_parallel.py, not here, and vocab_size counts global columns (default: all of every rank).
+    """
     _check_logits("student_logits", student, dtypes)
     _check_logits("teacher_logits", teacher, dtypes)
     if student.device != teacher.device:
@@ -89,7 +95,9 @@ def flatten_inputs(student, teacher, mask, cu_seqlens, cfg: LossConfig, dtypes=L
             f"{tuple(student.shape[:-1])}"
         )
     vs, vt = student.shape[-1], teacher.shape[-1]
-    if cfg.vocab_size is None:
+    if vocab_shards is not None:
+        vocab = vocab_shards * vs if cfg.vocab_size is None else cfg.vocab_size
+    elif cfg.vocab_size is None:
         if vs != vt:
             raise ValueError(
                 f"vocab_size: student_logits has {vs} vocabulary entries and teacher_logits {vt}; "

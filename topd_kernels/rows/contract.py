@@ -6,7 +6,13 @@ and per-token work over the sequence (the window step, cheap, shared by every ba
 A row backend implements the per-row work as two functions, registered as custom ops by `define_row_ops`:
 
     forward(student, teacher, mask, call: RowCall) -> stats
-    backward(student, teacher, stats, coef, call: RowCall, want_teacher: bool) -> (grad_student, grad_teacher)
+    backward(student, teacher, stats, coef, call: RowCall, grad_student, grad_teacher) -> None  (writes the grads)
+
+and, for vocabulary-parallel jsd (`vocab_parallel.py`), a third:
+
+    mix(student, teacher, mask, stats, call: RowCall) -> (2, N) float32: K_s and K_t (MIX_S, MIX_T below) over
+        the call's columns, with the normalisers MAX_* and LOGSUM_* read from `stats` instead of computed
+        (those of the whole rows when the columns are one rank's shard); exact zeros on rows whose mask is False.
 
 Tensors of a row call
     student (B, T, Vs), teacher (B, T, Vt): float32 / bfloat16 / float16; any strides on the first two
@@ -16,9 +22,12 @@ Tensors of a row call
     mask (N,) bool: rows whose mask is False are not read; their statistics are exact zeros.
     stats (NUM_STATS, N) float32, rows named by `Stat` (below).
     coef (N,) float32: the per-row multiplier c_t * (upstream gradient of loss_t) / denominator.
-    grad_student (B, T, Vs), grad_teacher (B, T, Vt): fresh, contiguous, the dtypes of the logits:
+    grad_student (B, T, Vs), grad_teacher (B, T, Vt) or None: the dtypes of the logits, any strides on the
+        first two dims that do not overlap, stride 1 on the last; written in full, every row:
         grad[..., :V] = coef * dd/dz, grad[..., V:] = 0; rows with coef == 0 are exact zeros and their
-        logits are not read (they may be NaN). Without want_teacher, grad_teacher is an empty tensor.
+        logits are not read (they may be NaN). The caller allocates them: a fresh tensor, or the rows of
+        the gradient of the tensor a view such as `logits[:, :-1]` was cut from (functional.py), so that
+        no gradient of the view is ever copied.
 
 Statistics (per row; z the raw logits, a = z / tau, V = call.vocab_size)
     MAX_S, MAX_T        max_v z[v], of the raw logits (-inf when every entry is -inf)
@@ -47,15 +56,14 @@ Gradients (the one derivation; every backend writes these)
         log m = logaddexp(log(1 - beta) + log p_s, log(beta) + log p_t)
     Every term p * (...) with p == 0 is 0: an entry at -inf contributes nothing (never 0 * inf).
 
-What comes next fits here (SPEC "Input forms", "Vocabulary-parallel"):
+What comes next fits here (SPEC "Input forms"):
     Hidden      the row functions run on chunks of rows whose logits a matrix product has just made
                 (B = 1, T = chunk rows); the chunk's gradient goes back through the product.
     TopK        a teacher given as k (id, log-probability) pairs per row: the teacher side of the call is
                 those (B, T, k) tensors instead of logits; the student side (MAX_S, LOGSUM_S, and the
                 k gathered log-probabilities) is the same, the divergence runs over k + 1 categories.
-    vocabulary  each rank's rows hold V / P columns: MAX_* and LOGSUM_* of the shards combine exactly
-    shards      (M = max_r M_r, logsum = log sum_r exp(logsum_r + (M_r - M) / tau)), and the KL cross
-                terms sum once rescaled to the combined maxima; a second pass finishes JSD's MIX_*.
+Vocabulary shards (SPEC "Vocabulary-parallel") are `vocab_parallel.py`: the statistics of each rank's columns
+combine exactly into those of the whole rows, from which every backward writes the rank's columns' gradient.
 """
 from __future__ import annotations
 
@@ -113,6 +121,32 @@ def make_row_call(student: Tensor, teacher: Tensor, vocab_size: int, temperature
     return RowCall(int(vocab_size), float(temperature), int(divergence), float(beta) if divergence == 2 else 0.5)
 
 
+def rows_disjoint(x: Tensor) -> bool:
+    """Whether no two rows of a (B, T, V) tensor with unit last stride share memory: the dims that step,
+    taken by increasing stride, must each step past everything the dims inside them span (any order: a
+    transposed (T, B) layout is fine). The CUDA extension's validate repeats it at the raw-pointer boundary."""
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return True  # no rows
+    extent = x.shape[-1]  # elements spanned by one row
+    for stride, size in sorted((x.stride(d), x.shape[d]) for d in (0, 1) if x.shape[d] > 1):
+        if stride < extent:
+            return False
+        extent += stride * (size - 1)
+    return True
+
+
+def check_gradient(name: str, grad, logits: Tensor) -> None:
+    """A gradient a backward writes through its strides (and trusts them): the logits' shape, dtype and
+    device, stride 1 on the last dim, rows that do not overlap. Every backward op checks its outputs here."""
+    if (not isinstance(grad, Tensor) or grad.shape != logits.shape or grad.dtype != logits.dtype
+            or grad.device != logits.device or (grad.shape[-1] > 1 and grad.stride(-1) != 1)
+            or not rows_disjoint(grad)):
+        got = (f"{grad.dtype} {tuple(grad.shape)} strides {grad.stride()} on {grad.device}"
+               if isinstance(grad, Tensor) else type(grad).__name__)
+        raise ValueError(f"{name}: expected {logits.dtype} {tuple(logits.shape)} on {logits.device} with a unit "
+                         f"last stride and rows that do not overlap, got {got}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The ops
 # ---------------------------------------------------------------------------------------------------
@@ -126,19 +160,26 @@ _FORWARD_SIGNATURE = inspect.Signature(
     _parameters(("student", Tensor), ("teacher", Tensor), ("mask", Tensor), *_CALL), return_annotation=Tensor)
 _BACKWARD_SIGNATURE = inspect.Signature(
     _parameters(("student", Tensor), ("teacher", Tensor), ("stats", Tensor), ("coef", Tensor), *_CALL,
-                ("want_teacher", bool)),
-    return_annotation=tuple[Tensor, Tensor])
+                ("grad_student", Tensor), ("grad_teacher", Optional[Tensor])),
+    return_annotation=None)
+_BACKWARD_WRITES = ("grad_student", "grad_teacher")
 
 
 def _fake_forward(student, teacher, mask, *call):
     return student.new_empty((NUM_STATS, student.shape[0] * student.shape[1]), dtype=torch.float32)
 
 
-def _fake_backward(student, teacher, stats, coef, *call_and_want_teacher):
-    want_teacher = call_and_want_teacher[-1]
-    grad_teacher = torch.empty_like(teacher, memory_format=torch.contiguous_format) if want_teacher \
-        else teacher.new_empty((0,))
-    return torch.empty_like(student, memory_format=torch.contiguous_format), grad_teacher
+def _fake_backward(*args):
+    return None
+
+
+_MIX_SIGNATURE = inspect.Signature(
+    _parameters(("student", Tensor), ("teacher", Tensor), ("mask", Tensor), ("stats", Tensor), *_CALL),
+    return_annotation=Tensor)
+
+
+def _fake_mix(student, teacher, mask, stats, *call):
+    return student.new_empty((2, student.shape[0] * student.shape[1]), dtype=torch.float32)
 
 
 class RowOps(NamedTuple):
@@ -147,53 +188,71 @@ class RowOps(NamedTuple):
     name: str
     forward_op: Callable
     backward_op: Callable
+    mix_op: Optional[Callable] = None
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor, call: RowCall) -> Tensor:
         return self.forward_op(student, teacher, mask, *call)
 
+    def mix(self, student: Tensor, teacher: Tensor, mask: Tensor, stats: Tensor, call: RowCall) -> Tensor:
+        """(K_s, K_t) (2, N) over the call's columns with the normalisers of `stats`."""
+        return self.mix_op(student, teacher, mask, stats, *call)
+
+    def backward_into(self, student, teacher, stats, coef, call: RowCall, grad_student, grad_teacher) -> None:
+        """Write the gradients into grad_student and grad_teacher (or None)."""
+        self.backward_op(student, teacher, stats, coef, *call, grad_student, grad_teacher)
+
     def backward(self, student, teacher, stats, coef, call: RowCall, want_teacher: bool):
-        """(grad_student, grad_teacher or None)."""
-        grad_student, grad_teacher = self.backward_op(student, teacher, stats, coef, *call, want_teacher)
-        return grad_student, grad_teacher if want_teacher else None
+        """(grad_student, grad_teacher or None), fresh and contiguous."""
+        grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        grad_teacher = torch.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) \
+            if want_teacher else None
+        self.backward_into(student, teacher, stats, coef, call, grad_student, grad_teacher)
+        return grad_student, grad_teacher
 
 
-def _with_signature(impl: Callable, signature: inspect.Signature, takes_want_teacher: bool) -> Callable:
-    """An op body with `signature`, calling impl(tensors..., RowCall(...)[, want_teacher])."""
-    n_tensors = len(signature.parameters) - len(_CALL) - int(takes_want_teacher)
+def _with_signature(impl: Callable, signature: inspect.Signature, n_tensors: int) -> Callable:
+    """An op body with `signature`, calling impl(*first n_tensors args, RowCall(...), *the rest) after
+    checking the gradients it will write (the backward's trailing arguments; the forward has none)."""
 
     def body(*args):
-        tensors, rest = args[:n_tensors], args[n_tensors:]
-        call = RowCall(*rest[:len(_CALL)])
-        return impl(*tensors, call, *rest[len(_CALL):])
+        call = RowCall(*args[n_tensors:n_tensors + len(_CALL)])
+        writes = args[n_tensors + len(_CALL):]
+        for name, grad, logits in zip(_BACKWARD_WRITES, writes, args[:2]):
+            if grad is not None:
+                check_gradient(name, grad, logits)
+        return impl(*args[:n_tensors], call, *writes)
 
     body.__signature__ = signature
     body.__name__ = impl.__name__
     return body
 
 
-def define_row_ops(name: str, forward: Optional[Callable], backward: Callable, *, triton: bool = False) -> RowOps:
-    """Register forward / backward (signatures at the top of this module) as the ops
-    `topd::{name}_row_forward` and `topd::{name}_row_backward`; forward may be None (a backend that
-    only provides a backward, such as the CUDA extension).
+def define_row_ops(name: str, forward: Optional[Callable], backward: Callable, *, mix: Optional[Callable] = None,
+                   triton: bool = False) -> RowOps:
+    """Register forward / backward / mix (signatures at the top of this module) as the ops
+    `topd::{name}_row_forward`, `topd::{name}_row_backward` (which writes into grad_student and
+    grad_teacher) and `topd::{name}_row_mix`; forward and mix may be None (a backend that only provides a
+    backward, such as the CUDA extension).
 
     triton=True registers them with `torch.library.triton_op` (their bodies launch kernels through
     `torch.library.wrap_triton`, so a compiler sees the kernels); otherwise as opaque `custom_op`s with
     the shared fake implementations. Implementations dispatch on their tensors' device themselves.
     """
     ops = []
-    for direction, impl, signature, fake in (
-        ("forward", forward, _FORWARD_SIGNATURE, _fake_forward),
-        ("backward", backward, _BACKWARD_SIGNATURE, _fake_backward),
+    for direction, impl, signature, writes, fake in (
+        ("forward", forward, _FORWARD_SIGNATURE, (), _fake_forward),
+        ("backward", backward, _BACKWARD_SIGNATURE, _BACKWARD_WRITES, _fake_backward),
+        ("mix", mix, _MIX_SIGNATURE, (), _fake_mix),
     ):
         if impl is None:
             ops.append(None)
             continue
-        body = _with_signature(impl, signature, takes_want_teacher=direction == "backward")
+        body = _with_signature(impl, signature, n_tensors=3 if direction == "forward" else 4)
         qualname = f"topd::{name}_row_{direction}"
         if triton:
-            op = torch.library.triton_op(qualname, body, mutates_args=())
+            op = torch.library.triton_op(qualname, body, mutates_args=writes)
         else:
-            op = torch.library.custom_op(qualname, body, mutates_args=())
+            op = torch.library.custom_op(qualname, body, mutates_args=writes)
             op.register_fake(fake)
         ops.append(op)
     return RowOps(name, *ops)

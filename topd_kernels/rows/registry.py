@@ -6,7 +6,7 @@ what can run where. A backend module is imported only when asked for (triton is 
     "torch"        chunked PyTorch forward and backward (`torch_rows.py`); any device.
     "triton"       Triton forward and backward (`triton_rows.py`); CUDA tensors, or CPU tensors when the
                    kernels run in the Triton interpreter (TRITON_INTERPRET=1 set before import).
-    "triton+cuda"  Triton forward, CUDA-extension backward (`cuda_rows.py`); CUDA tensors with the
+    "triton+cuda"  Triton forward (and mix), CUDA-extension backward (`cuda_rows.py`); CUDA tensors with the
                    extension built. On CPU tensors (interpreter) the extension runs the host build of
                    its CUDA arithmetic: slow, there to check that arithmetic.
     "auto"         the first of AUTO_ORDER[device type] that can run; any other device type: "torch".
@@ -46,7 +46,7 @@ def _triton_cuda_ops() -> RowOps:
 
     if cuda_rows.UNAVAILABLE:
         raise ImportError(cuda_rows.UNAVAILABLE)
-    return RowOps("triton+cuda", triton_rows.OPS.forward_op, cuda_rows.OPS.backward_op)
+    return RowOps("triton+cuda", triton_rows.OPS.forward_op, cuda_rows.OPS.backward_op, triton_rows.OPS.mix_op)
 
 
 def _triton_devices() -> tuple:

@@ -4,7 +4,7 @@ Implements the row contract of `contract.py`. Rows are processed in chunks of ab
 logits (never across a batch row, so each chunk is a plain 2-D view of the caller's tensor), so the
 float32 temporaries (a handful of chunk-sized tensors) stay in the tens of MB whatever N and V are; the
 forward keeps only the row statistics, and the backward writes each chunk of the gradient straight into
-the fresh gradient tensor. Rows whose mask is False are computed with their chunk but stored as exact
+the gradient tensor the caller hands in. Rows whose mask is False are computed with their chunk but stored as exact
 zeros (selecting rows would need their count on the host).
 """
 from __future__ import annotations
@@ -53,6 +53,13 @@ def _log_mix(log_ps, log_pt, beta: float):
     return torch.logaddexp(log_ps + math.log1p(-beta), log_pt + math.log(beta))
 
 
+def _mix_divergences(log_ps, log_pt, beta: float):
+    """(K_s, K_t) = (KL(p_s || mix), KL(p_t || mix)) per row of a chunk (R, V) -> (R,), (R,)."""
+    log_m = _log_mix(log_ps, log_pt, beta)
+    return (_weighted_log_ratio(log_ps.exp(), log_ps, log_m).sum(-1),
+            _weighted_log_ratio(log_pt.exp(), log_pt, log_m).sum(-1))
+
+
 def row_forward(student, teacher, mask, call: RowCall):
     """Row statistics (NUM_STATS, N) float32 per the contract."""
     batch, length = student.shape[:2]
@@ -66,9 +73,7 @@ def row_forward(student, teacher, mask, call: RowCall):
         elif call.divergence == 1:
             d = _weighted_log_ratio(log_pt.exp(), log_pt, log_ps).sum(-1)
         else:
-            log_m = _log_mix(log_ps, log_pt, call.beta)
-            mix_s = _weighted_log_ratio(log_ps.exp(), log_ps, log_m).sum(-1)
-            mix_t = _weighted_log_ratio(log_pt.exp(), log_pt, log_m).sum(-1)
+            mix_s, mix_t = _mix_divergences(log_ps, log_pt, call.beta)
             d = call.beta * mix_t + (1 - call.beta) * mix_s
         values = torch.stack((max_s, logsum_s, max_t, logsum_t, d, mix_s, mix_t))
         stats[:, rows] = torch.where(mask[rows], values, torch.zeros_like(values))
@@ -81,6 +86,25 @@ def _log_p(logits: torch.Tensor, max_z: torch.Tensor, logsum: torch.Tensor, call
     if call.temperature != 1.0:
         shifted /= call.temperature
     return shifted.sub_(logsum[:, None])
+
+
+def _chunks_given_normalisers(student, teacher, stats, call: RowCall):
+    """(flat row slice, batch index, position slice, the chunk's stats, log p_s, log p_t) of each chunk, with the
+    normalisers MAX_* and LOGSUM_* read from `stats`."""
+    batch, length = student.shape[:2]
+    for rows, b, span in _chunks(batch, length, call.vocab_size):
+        st = stats[:, rows]
+        yield (rows, b, span, st, _log_p(student[b, span], st[Stat.MAX_S], st[Stat.LOGSUM_S], call),
+               _log_p(teacher[b, span], st[Stat.MAX_T], st[Stat.LOGSUM_T], call))
+
+
+def row_mix(student, teacher, mask, stats, call: RowCall):
+    """(K_s, K_t) (2, N) float32 per the contract: over the call's columns, with the normalisers of `stats`."""
+    mixes = torch.empty(2, student.shape[0] * student.shape[1], dtype=torch.float32, device=student.device)
+    for rows, _, _, _, log_ps, log_pt in _chunks_given_normalisers(student, teacher, stats, call):
+        values = torch.stack(_mix_divergences(log_ps, log_pt, call.beta))
+        mixes[:, rows] = torch.where(mask[rows], values, torch.zeros_like(values))
+    return mixes
 
 
 def _row_gradients(log_ps, log_pt, stats, call: RowCall, want_teacher: bool):
@@ -104,30 +128,22 @@ def _row_gradients(log_ps, log_pt, stats, call: RowCall, want_teacher: bool):
     return grad_s, grad_t
 
 
-def _store(out: torch.Tensor, rows: slice, vocab_size: int, grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """out[rows, :V] = scale * grad (exact 0 where scale == 0), out[rows, V:] = 0. Overwrites grad."""
+def _store(out: torch.Tensor, vocab_size: int, grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """out[:, :V] = scale * grad (exact 0 where scale == 0), out[:, V:] = 0, for a chunk of rows `out`
+    (a view of the gradient). Overwrites grad."""
     scale = scale[:, None]
-    out[rows, :vocab_size] = grad.mul_(scale).masked_fill_(scale == 0, 0.0)
-    out[rows, vocab_size:] = 0
+    out[:, :vocab_size] = grad.mul_(scale).masked_fill_(scale == 0, 0.0)
+    out[:, vocab_size:] = 0
 
 
-def row_backward(student, teacher, stats, coef, call: RowCall, want_teacher: bool):
-    """(grad_student, grad_teacher) per the contract: coef * dd/dz, fresh and contiguous."""
-    batch, length = student.shape[:2]
-    grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    grad_teacher = torch.empty(teacher.shape if want_teacher else (0,), dtype=teacher.dtype, device=teacher.device)
-    flat_s = grad_student.view(batch * length, student.shape[-1])
-    flat_t = grad_teacher.view(batch * length, teacher.shape[-1]) if want_teacher else None
-    for rows, b, span in _chunks(batch, length, call.vocab_size):
-        st = stats[:, rows]
-        log_ps = _log_p(student[b, span], st[Stat.MAX_S], st[Stat.LOGSUM_S], call)
-        log_pt = _log_p(teacher[b, span], st[Stat.MAX_T], st[Stat.LOGSUM_T], call)
-        grad_s, grad_t = _row_gradients(log_ps, log_pt, st, call, want_teacher)
+def row_backward(student, teacher, stats, coef, call: RowCall, grad_student, grad_teacher) -> None:
+    """Write coef * dd/dz into grad_student (and grad_teacher unless None) per the contract."""
+    for rows, b, span, st, log_ps, log_pt in _chunks_given_normalisers(student, teacher, stats, call):
+        grad_s, grad_t = _row_gradients(log_ps, log_pt, st, call, grad_teacher is not None)
         scale = coef[rows] / call.temperature
-        _store(flat_s, rows, call.vocab_size, grad_s, scale)
-        if want_teacher:
-            _store(flat_t, rows, call.vocab_size, grad_t, scale)
-    return grad_student, grad_teacher
+        _store(grad_student[b, span], call.vocab_size, grad_s, scale)
+        if grad_teacher is not None:
+            _store(grad_teacher[b, span], call.vocab_size, grad_t, scale)
 
 
-OPS = define_row_ops("torch", row_forward, row_backward)
+OPS = define_row_ops("torch", row_forward, row_backward, mix=row_mix)

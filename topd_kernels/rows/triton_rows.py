@@ -1,15 +1,18 @@
-"""Triton row backend: `row_forward` / `row_backward` of the row contract (`contract.py`), registered as the
-ops `topd::triton_row_forward` / `topd::triton_row_backward` (`OPS`).
+"""Triton row backend: `row_forward` / `row_backward` / `row_mix` of the row contract (`contract.py`), registered
+as the ops `topd::triton_row_forward` / `topd::triton_row_backward` / `topd::triton_row_mix` (`OPS`).
 
 One Triton program handles one row (one token position) and streams over its vocabulary in blocks of
-BLOCK_V columns. Nothing of size N x V is ever allocated besides the gradients.
+BLOCK_V columns. Nothing of size N x V is ever allocated: the caller hands in the gradients.
 
 Rows are read in place from (B, T, V) views: program i is the row (b, t) = divmod(i, T), which starts at
 b * stride_batch + t * stride_position (int64 arithmetic: the offsets pass 2^31 for N = 16384,
 V = 151936), separately for student and teacher; the last dimension has stride 1 (the contract). Inputs
 may be float32 / bfloat16 / float16 (student and teacher independently) with different last-dim sizes;
-only the first `vocab_size` columns are read. Every load is converted to float32 at once (bf16
-arithmetic is wrong under the Triton interpreter, and float32 is what we want on the GPU anyway).
+only the first `vocab_size` columns are read. The backward writes the gradients in place the same way:
+rows (b, t) of (B, T, V) tensors the caller allocated, with strides of their own on the first two dims
+(such as the rows of the gradient of a longer tensor, grad_base[:, :-1]), int64 offsets, every row in
+full. Every load is converted to float32 at once (bf16 arithmetic is wrong under the Triton
+interpreter, and float32 is what we want on the GPU anyway).
 
 Block size / warps: a fixed default chosen from the vocabulary size (`_launch_config`). Two environment
 switches, read once at import: TOPD_TRITON_BLOCK_V (a power of two >= 16) overrides the block size
@@ -33,7 +36,7 @@ from triton.runtime.autotuner import Autotuner
 from ..config import DIVERGENCE_CODES
 from .contract import NUM_STATS, RowCall, Stat, define_row_ops
 
-__all__ = ["row_forward", "row_backward", "OPS", "INTERPRETED", "BLOCK_V_OVERRIDE", "AUTOTUNE"]
+__all__ = ["row_forward", "row_backward", "row_mix", "OPS", "INTERPRETED", "BLOCK_V_OVERRIDE", "AUTOTUNE"]
 
 # The divergence selects code inside the kernels (a constexpr); the codes are the contract's.
 _REVERSE_KL: tl.constexpr = tl.constexpr(DIVERGENCE_CODES["reverse_kl"])
@@ -111,6 +114,35 @@ def _kl_cross_step(b_cross, b_inf_hit, b_z_p, b_z_q, b_e_p, b_l_p, b_l_q, b_sum_
     b_term = tl.where((b_z_p > neg_inf) & (b_z_q > neg_inf), b_e_p * (b_l_p - b_l_q), 0.0)
     b_corr = tl.where((b_sum_p > 0) & (b_max_q > neg_inf), b_sum_p * (b_max_moves * inv_temperature), 0.0)
     return b_alpha_p * (b_cross + b_corr) + tl.sum(b_term, axis=0), b_inf_hit
+
+
+@triton.jit
+def _jsd_mix_pass(p_s_row, p_t_row, b_end, vocab_size, b_max_s, b_log_sum_s, b_max_t, b_log_sum_t, inv_temperature,
+                  log_one_minus_beta, log_beta, BLOCK_V: tl.constexpr):
+    """JSD pass 2 over the columns [0, b_end) of one row, with the normalisers given (MAX_x, LOGSUM_x: the
+    row's own in the forward kernel, the whole rows' in the mix kernel). Returns (K_s, K_t)."""
+    o_v = tl.arange(0, BLOCK_V)
+    neg_inf = float("-inf")
+    b_mix_s = tl.zeros((), tl.float32)
+    b_mix_t = tl.zeros((), tl.float32)
+    # log p = (z - max z) / tau - log L, relative to the row maximum.
+    for v0 in tl.range(0, b_end, BLOCK_V):
+        o_col = v0 + o_v
+        m_col = o_col < vocab_size
+        b_z_s = tl.load(p_s_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
+        b_z_t = tl.load(p_t_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
+        b_lp_s = (b_z_s - b_max_s) * inv_temperature - b_log_sum_s
+        b_lp_t = (b_z_t - b_max_t) * inv_temperature - b_log_sum_t
+        b_p_s = tl.where(b_z_s == neg_inf, 0.0, tl.exp(b_lp_s))
+        b_p_t = tl.where(b_z_t == neg_inf, 0.0, tl.exp(b_lp_t))
+        b_x_s = b_lp_s + log_one_minus_beta
+        b_x_t = b_lp_t + log_beta
+        b_hi = tl.maximum(b_x_s, b_x_t)
+        b_lo = tl.minimum(b_x_s, b_x_t)
+        b_log_mix = tl.where(b_hi == neg_inf, neg_inf, b_hi + tl.log(1.0 + tl.exp(b_lo - b_hi)))
+        b_mix_s += tl.sum(tl.where(b_p_s > 0, b_p_s * (b_lp_s - b_log_mix), 0.0), axis=0)  # K_s
+        b_mix_t += tl.sum(tl.where(b_p_t > 0, b_p_t * (b_lp_t - b_log_mix), 0.0), axis=0)  # K_t
+    return b_mix_s, b_mix_t
 
 
 @triton.jit
@@ -196,23 +228,8 @@ def _row_forward_kernel(
         b_d = tl.where(b_inf_hit > 0, float("inf"), b_d)
     else:
         # JSD pass 2: needs the final normalisers (see the derivation above).
-        # log p = (z - max z) / tau - log L, relative to the row maximum.
-        for v0 in tl.range(0, b_end, BLOCK_V):
-            o_col = v0 + o_v
-            m_col = o_col < vocab_size
-            b_z_s = tl.load(p_s_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
-            b_z_t = tl.load(p_t_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
-            b_lp_s = (b_z_s - b_max_s) * inv_temperature - b_log_sum_s
-            b_lp_t = (b_z_t - b_max_t) * inv_temperature - b_log_sum_t
-            b_p_s = tl.where(b_z_s == neg_inf, 0.0, tl.exp(b_lp_s))
-            b_p_t = tl.where(b_z_t == neg_inf, 0.0, tl.exp(b_lp_t))
-            b_x_s = b_lp_s + log_one_minus_beta
-            b_x_t = b_lp_t + log_beta
-            b_hi = tl.maximum(b_x_s, b_x_t)
-            b_lo = tl.minimum(b_x_s, b_x_t)
-            b_log_mix = tl.where(b_hi == neg_inf, neg_inf, b_hi + tl.log(1.0 + tl.exp(b_lo - b_hi)))
-            b_mix_s += tl.sum(tl.where(b_p_s > 0, b_p_s * (b_lp_s - b_log_mix), 0.0), axis=0)  # K_s
-            b_mix_t += tl.sum(tl.where(b_p_t > 0, b_p_t * (b_lp_t - b_log_mix), 0.0), axis=0)  # K_t
+        b_mix_s, b_mix_t = _jsd_mix_pass(p_s_row, p_t_row, b_end, vocab_size, b_max_s, b_log_sum_s, b_max_t,
+                                         b_log_sum_t, inv_temperature, log_one_minus_beta, log_beta, BLOCK_V)
         b_d = beta * b_mix_t + (1.0 - beta) * b_mix_s
 
     # Masked rows: exact zeros (their loops ran no step: -inf maxima, NaN sums, all replaced here).
@@ -224,6 +241,50 @@ def _row_forward_kernel(
     tl.store(p_out + _KL * stride_stats_k, tl.where(b_valid, b_d, 0.0))
     tl.store(p_out + _MIX_S * stride_stats_k, tl.where(b_valid, b_mix_s, 0.0))
     tl.store(p_out + _MIX_T * stride_stats_k, tl.where(b_valid, b_mix_t, 0.0))
+
+
+# Vocabulary-parallel jsd (vocab_parallel.py): JSD pass 2 alone, over one rank's columns, with the normalisers of
+# the whole rows read from the statistics (MAX_x, LOGSUM_x) instead of computed. Stored: (2, N) = (K_s, K_t),
+# exact zeros on masked rows (which read nothing).
+@triton.jit
+def _row_mix_kernel(
+    p_student,  # *fp32/bf16/fp16: student logits (B, T, Vs); row (b, t) at b * stride_student_b + t * stride_student_t
+    p_teacher,  # *fp32/bf16/fp16: teacher logits (B, T, Vt); row (b, t) at b * stride_teacher_b + t * stride_teacher_t
+    p_mask,  # *u8 (N,): the row mask (bool viewed as uint8); entry i at i * stride_mask
+    p_stats,  # *fp32 (NUM_STATS, N) input, rows contract.Stat; (k, i) at k * stride_stats_k + i * stride_stats_n
+    p_mix,  # *fp32 (2, N) output: K_s, K_t; (k, i) at k * stride_mix_k + i * stride_mix_n
+    stride_student_b,  # int: elements between consecutive batch entries of the student
+    stride_student_t,  # int: elements between consecutive positions of the student (last dim has stride 1)
+    stride_teacher_b,  # int: elements between consecutive batch entries of the teacher
+    stride_teacher_t,  # int: elements between consecutive positions of the teacher (last dim has stride 1)
+    length,  # int: T, positions per batch entry (row i is (i // T, i % T))
+    stride_mask,  # int: elements between consecutive mask entries
+    stride_stats_k,  # int: elements between the NUM_STATS stats rows
+    stride_stats_n,  # int: elements between consecutive entries of a stats row
+    stride_mix_k,  # int: elements between the two output rows
+    stride_mix_n,  # int: elements between consecutive entries of an output row
+    vocab_size,  # int: V, the number of columns read from each row (<= both last dims)
+    inv_temperature,  # fp32: 1 / tau
+    beta,  # fp32: jsd mixture weight of the teacher (unused: K_s and K_t are stored apart)
+    log_one_minus_beta,  # fp32: log(1 - beta)
+    log_beta,  # fp32: log(beta)
+    BLOCK_V: tl.constexpr,  # columns per block (power of two)
+):
+    i_n = tl.program_id(0).to(tl.int64)  # row index; int64 so that the row offsets cannot overflow
+    i_b = i_n // length  # batch entry of the row
+    i_t = i_n % length  # position of the row
+    p_s_row = p_student + i_b * stride_student_b + i_t * stride_student_t
+    p_t_row = p_teacher + i_b * stride_teacher_b + i_t * stride_teacher_t
+    b_valid = tl.load(p_mask + i_n * stride_mask) != 0
+    b_end = tl.where(b_valid, vocab_size, 0)  # columns read: none on a masked row
+    p_st = p_stats + i_n * stride_stats_n
+    b_mix_s, b_mix_t = _jsd_mix_pass(p_s_row, p_t_row, b_end, vocab_size, tl.load(p_st + _MAX_S * stride_stats_k),
+                                     tl.load(p_st + _LOGSUM_S * stride_stats_k), tl.load(p_st + _MAX_T * stride_stats_k),
+                                     tl.load(p_st + _LOGSUM_T * stride_stats_k), inv_temperature, log_one_minus_beta,
+                                     log_beta, BLOCK_V)
+    p_out = p_mix + i_n * stride_mix_n
+    tl.store(p_out, tl.where(b_valid, b_mix_s, 0.0))
+    tl.store(p_out + stride_mix_k, tl.where(b_valid, b_mix_t, 0.0))
 
 
 @triton.jit
@@ -253,19 +314,26 @@ def _to_output(b_x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 # it from d and K_s would cancel for small beta).
 # Every p * (...) with p = 0 is written as 0 with tl.where (an entry at -inf contributes nothing).
 # Rows with coef == 0 skip the loads and store exact zeros (tl.where, never NaN * 0); columns
-# >= vocab_size of each gradient are stored as zeros. The gradients are contiguous: row i at i * width.
+# >= vocab_size of each gradient are stored as zeros. Every row of each gradient is written in full and
+# nothing else: the gradients are (B, T, V*) tensors the caller allocated with strides of their own on the
+# first two dims (the rows of a larger gradient, such as grad_base[:, :-1]), addressed like the inputs,
+# row (b, t) at b * stride_b + t * stride_t in int64, last dim stride 1.
 @triton.jit
 def _row_backward_kernel(
     p_student,  # *fp32/bf16/fp16: student logits (B, T, Vs); row (b, t) at b * stride_student_b + t * stride_student_t
     p_teacher,  # *fp32/bf16/fp16: teacher logits (B, T, Vt); row (b, t) at b * stride_teacher_b + t * stride_teacher_t
     p_stats,  # *fp32 (NUM_STATS, N) from row_forward (contract.Stat); (k, i) at k * stride_stats_k + i * stride_stats_n
     p_coef,  # *fp32 (N,): per-row multiplier; entry i at i * stride_coef
-    p_grad_student,  # *dtype of student, contiguous (N, width_student) output
-    p_grad_teacher,  # *dtype of teacher, contiguous (N, width_teacher) output (unused unless HAS_GRAD_TEACHER)
+    p_grad_student,  # *dtype of student: (B, T, Vs) output; row (b, t) at b * stride_gs_b + t * stride_gs_t
+    p_grad_teacher,  # *dtype of teacher: (B, T, Vt) output; row (b, t) at b * stride_gt_b + t * stride_gt_t
     stride_student_b,  # int: elements between consecutive batch entries of the student
     stride_student_t,  # int: elements between consecutive positions of the student (last dim has stride 1)
     stride_teacher_b,  # int: elements between consecutive batch entries of the teacher
     stride_teacher_t,  # int: elements between consecutive positions of the teacher (last dim has stride 1)
+    stride_gs_b,  # int: elements between consecutive batch entries of grad_student
+    stride_gs_t,  # int: elements between consecutive positions of grad_student (last dim has stride 1)
+    stride_gt_b,  # int: elements between consecutive batch entries of grad_teacher (unused unless HAS_GRAD_TEACHER)
+    stride_gt_t,  # int: elements between consecutive positions of grad_teacher (unused unless HAS_GRAD_TEACHER)
     length,  # int: T, positions per batch entry (row i is (i // T, i % T))
     stride_stats_k,  # int: elements between the NUM_STATS stats rows
     stride_stats_n,  # int: elements between consecutive entries of a stats row
@@ -287,8 +355,8 @@ def _row_backward_kernel(
     i_t = i_n % length  # position of the row
     p_s_row = p_student + i_b * stride_student_b + i_t * stride_student_t
     p_t_row = p_teacher + i_b * stride_teacher_b + i_t * stride_teacher_t
-    p_gs_row = p_grad_student + i_n * width_student
-    p_gt_row = p_grad_teacher + i_n * width_teacher
+    p_gs_row = p_grad_student + i_b * stride_gs_b + i_t * stride_gs_t
+    p_gt_row = p_grad_teacher + i_b * stride_gt_b + i_t * stride_gt_t
     o_v = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
 
@@ -304,6 +372,19 @@ def _row_backward_kernel(
     b_k_s = tl.load(p_st + _MIX_S * stride_stats_k)  # jsd: K_s = KL(p_s || mix)
     b_k_t = tl.load(p_st + _MIX_T * stride_stats_k)  # jsd: K_t = KL(p_t || mix)
     b_scale = b_coef * inv_temperature  # coef * d a / d z
+
+    # Padding columns [vocab_size, width) get no gradient. Written before the main loop (disjoint columns):
+    # written after it, the widths stayed live across the loop and ptxas spilled one (sm_90, bf16, reverse_kl).
+    b_zero = tl.zeros((BLOCK_V,), tl.float32)
+    for v0 in tl.range(vocab_size, width_student, BLOCK_V):
+        o_col = v0 + o_v
+        m_col = o_col < width_student
+        tl.store(p_gs_row + o_col, b_zero.to(p_grad_student.dtype.element_ty), mask=m_col)
+    if HAS_GRAD_TEACHER:
+        for v0 in tl.range(vocab_size, width_teacher, BLOCK_V):
+            o_col = v0 + o_v
+            m_col = o_col < width_teacher
+            tl.store(p_gt_row + o_col, b_zero.to(p_grad_teacher.dtype.element_ty), mask=m_col)
 
     for v0 in tl.range(0, vocab_size, BLOCK_V):
         o_col = v0 + o_v
@@ -334,18 +415,6 @@ def _row_backward_kernel(
         if HAS_GRAD_TEACHER:
             b_g_t = tl.where(b_live, b_scale * b_g_t, 0.0)
             tl.store(p_gt_row + o_col, _to_output(b_g_t, p_grad_teacher.dtype.element_ty, SOFT_BF16), mask=m_col)
-
-    # Padding columns [vocab_size, width) get no gradient.
-    b_zero = tl.zeros((BLOCK_V,), tl.float32)
-    for v0 in tl.range(vocab_size, width_student, BLOCK_V):
-        o_col = v0 + o_v
-        m_col = o_col < width_student
-        tl.store(p_gs_row + o_col, b_zero.to(p_grad_student.dtype.element_ty), mask=m_col)
-    if HAS_GRAD_TEACHER:
-        for v0 in tl.range(vocab_size, width_teacher, BLOCK_V):
-            o_col = v0 + o_v
-            m_col = o_col < width_teacher
-            tl.store(p_gt_row + o_col, b_zero.to(p_grad_teacher.dtype.element_ty), mask=m_col)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -412,8 +481,8 @@ def _autotuned(kernel):
             for warps in (4, 8, 16)
             if not (block == 1024 and warps == 16)
         ]
-        # Keys: vocab_size and the divergence; argument dtypes are part of the autotuner key already.
-        key = ["vocab_size", "DIVERGENCE"] + (["HAS_GRAD_TEACHER"] if kernel is _row_backward_kernel else [])
+        # Keys: vocab_size and the kernel's code switches; argument dtypes are part of the autotuner key already.
+        key = ["vocab_size"] + [name for name in ("DIVERGENCE", "HAS_GRAD_TEACHER") if name in kernel.arg_names]
         _AUTOTUNED[kernel] = triton.autotune(configs=configs, key=key)(kernel)
     return _AUTOTUNED[kernel]
 
@@ -475,30 +544,49 @@ def row_forward(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
     return stats
 
 
+def row_mix(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor,
+            call: RowCall) -> torch.Tensor:
+    """(K_s, K_t) (2, N) float32 per the contract: over the call's columns, with the normalisers of `stats`."""
+    length = student.shape[1]
+    n = student.shape[0] * length
+    mixes = torch.empty((2, n), dtype=torch.float32, device=student.device)
+    if n == 0:
+        return mixes
+    mask_u8 = mask.view(torch.uint8)
+    kernel = _kernel(_row_mix_kernel)  # launched as in row_forward
+    with _on_device(student):
+        wrap_triton(kernel)[(n,)](
+            student, teacher, mask_u8, stats, mixes, *_row_strides(student), *_row_strides(teacher), length,
+            mask_u8.stride(0), *stats.stride(), *mixes.stride(), *_scalars(call),
+            **_launch_options(kernel, call.vocab_size))
+    return mixes
+
+
 def row_backward(student: torch.Tensor, teacher: torch.Tensor, stats: torch.Tensor, coef: torch.Tensor,
-                 call: RowCall, want_teacher: bool):
-    """(grad_student, grad_teacher): coef * dd/dz per the contract, fresh and contiguous; grad_teacher is
-    an empty (0,) tensor unless want_teacher."""
+                 call: RowCall, grad_student: torch.Tensor, grad_teacher: Optional[torch.Tensor]) -> None:
+    """Write coef * dd/dz per the contract into grad_student (B, T, Vs) and grad_teacher (B, T, Vt) unless
+    None: every row in full (zeros past vocab_size, exact zeros on rows with coef == 0), in place, whatever
+    their (non-overlapping) strides on the first two dims; nothing outside their rows is touched."""
+    want_teacher = grad_teacher is not None
     batch, length = student.shape[:2]
     n = batch * length
-    grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    grad_teacher = torch.empty(teacher.shape if want_teacher else (0,), dtype=teacher.dtype, device=teacher.device)
     if n == 0:
-        return grad_student, grad_teacher
+        return
+    # Without a teacher gradient its pointer and strides are the student gradient's (never written): no null
+    # pointer reaches the launcher.
+    grad_teacher_or_dummy = grad_teacher if want_teacher else grad_student
     args = (
-        # Without a teacher gradient its pointer is the student's (never written): no null pointer reaches
-        # the launcher.
-        student, teacher, stats, coef, grad_student, grad_teacher if want_teacher else grad_student,
-        *_row_strides(student), *_row_strides(teacher), length,
+        student, teacher, stats, coef, grad_student, grad_teacher_or_dummy,
+        *_row_strides(student), *_row_strides(teacher),
+        *_row_strides(grad_student), *_row_strides(grad_teacher_or_dummy), length,
         stats.stride(0), stats.stride(1), coef.stride(0),
         student.shape[-1], teacher.shape[-1],
         *_scalars(call),
     )
     kernel = _kernel(_row_backward_kernel)  # launched as in row_forward
     with _on_device(student):
-        wrap_triton(kernel)[(n,)](*args, DIVERGENCE=call.divergence, HAS_GRAD_TEACHER=bool(want_teacher),
+        wrap_triton(kernel)[(n,)](*args, DIVERGENCE=call.divergence, HAS_GRAD_TEACHER=want_teacher,
                                   SOFT_BF16=INTERPRETED, **_launch_options(kernel, call.vocab_size))
-    return grad_student, grad_teacher
 
 
-OPS = define_row_ops("triton", row_forward, row_backward, triton=True)
+OPS = define_row_ops("triton", row_forward, row_backward, mix=row_mix, triton=True)
