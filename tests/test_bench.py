@@ -353,8 +353,8 @@ def test_gpu_timing_reports_quantiles_and_copy_bandwidth(monkeypatch):
 def test_memory_cpu_sliced_view_is_not_copied(tmp_path, monkeypatch):
     """memory_cpu's cases on a small shape: every row measured by both trackers, which agree; the causal
     shift logits[:, :-1] costs its forward nothing over the contiguous (B, T, V) case (no copy: same peak,
-    same saved bytes) and its fwd+bwd only the view's gradient, which autograd's slice backward holds beside
-    the (B, T+1, V) one; the fused loss needs far less than eager."""
+    same saved bytes), and its backward writes the view's rows straight into the (B, T+1, V) gradient (no
+    second gradient of the view: its extra is the contiguous case's); the fused loss needs far less than eager."""
     monkeypatch.setattr(torch_rows, "CHUNK_ELEMENTS", 1 << 12)  # temporaries small against N x V, as at full size
     n, v, batch = 64, 2048, 4
     result = memory_cpu.main(["--N", str(n), "--V", str(v), "--batch", str(batch), "--out", str(tmp_path / "m.json")])
@@ -373,9 +373,9 @@ def test_memory_cpu_sliced_view_is_not_copied(tmp_path, monkeypatch):
     assert sliced["fwd_peak_bytes"] == contiguous["fwd_peak_bytes"] < nv / 4
     assert sliced["saved_bytes"] == contiguous["saved_bytes"] < nv / 10
     assert sliced["grad_bytes"] == (n + batch) * v * 4
-    # fwd+bwd: beyond its (B, T+1, V) gradient only the view's (B, T, V) one and scalars (a copy: N V more)
-    assert sliced["extra_bytes"] <= nv + 1024
-    assert "target_pct" not in rows["topd[torch] default args, student = logits[:, :-1] of (B, T+1, V)"]
+    # fwd+bwd: beyond its (B, T+1, V) gradient what the contiguous case needs (a gradient of the view: N V more)
+    assert sliced["extra_bytes"] <= contiguous["extra_bytes"] + 1024 < nv / 4
+    assert rows["topd[torch] default args, student = logits[:, :-1] of (B, T+1, V)"]["meets_target"]
     eager = rows["eager, window 8 + Quantile thresholds + guidance"]["dispatch"]
     topd = rows["topd[torch] window 8 + Quantile thresholds + guidance"]["dispatch"]
     assert topd["extra_bytes"] < eager["extra_bytes"]
