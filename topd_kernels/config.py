@@ -18,6 +18,7 @@ import torch
 # The divergence selects code inside every kernel; these codes are the only table of them (the CUDA
 # extension's enum is checked against it by a test).
 DIVERGENCE_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
+REVERSE_KL, FORWARD_KL, JSD = DIVERGENCE_CODES.values()
 DIVERGENCES = tuple(DIVERGENCE_CODES)
 REDUCTIONS = ("mean", "sum", "batchmean", "none")
 
@@ -129,9 +130,6 @@ class LossConfig:
     @property
     def divergence_code(self) -> int:
         return DIVERGENCE_CODES[self.divergence]
-
-    def replace(self, **changes) -> "LossConfig":
-        return dataclasses.replace(self, **changes)
 
 
 KNOBS = tuple(f.name for f in dataclasses.fields(LossConfig))

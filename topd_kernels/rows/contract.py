@@ -75,6 +75,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..config import JSD
+
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -116,9 +118,9 @@ def make_row_call(student: Tensor, teacher: Tensor, vocab_size: int, temperature
         raise ValueError(f"vocab_size: {vocab_size} outside [1, min({student.shape[-1]}, {teacher.shape[-1]})]")
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
-    if divergence == 2 and not 0.0 < beta < 1.0:
+    if divergence == JSD and not 0.0 < beta < 1.0:
         raise ValueError(f"beta: must be in (0, 1) for jsd, got {beta}")
-    return RowCall(int(vocab_size), float(temperature), int(divergence), float(beta) if divergence == 2 else 0.5)
+    return RowCall(int(vocab_size), float(temperature), int(divergence), float(beta) if divergence == JSD else 0.5)
 
 
 def rows_disjoint(x: Tensor) -> bool:

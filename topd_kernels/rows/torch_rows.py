@@ -13,10 +13,10 @@ import math
 
 import torch
 
+from ..config import FORWARD_KL, REVERSE_KL
 from .contract import NUM_STATS, RowCall, Stat, define_row_ops
 
 CHUNK_ELEMENTS = 1 << 21  # 8 MiB per float32 temporary
-_JSD = 2
 
 
 def _chunks(rows_2d: int, length: int, vocab_size: int):
@@ -68,9 +68,9 @@ def row_forward(student, teacher, mask, call: RowCall):
         log_ps, max_s, logsum_s = _log_probs(student[b, span], call)
         log_pt, max_t, logsum_t = _log_probs(teacher[b, span], call)
         mix_s, mix_t = torch.zeros_like(max_s), torch.zeros_like(max_s)
-        if call.divergence == 0:
+        if call.divergence == REVERSE_KL:
             d = _weighted_log_ratio(log_ps.exp(), log_ps, log_pt).sum(-1)
-        elif call.divergence == 1:
+        elif call.divergence == FORWARD_KL:
             d = _weighted_log_ratio(log_pt.exp(), log_pt, log_ps).sum(-1)
         else:
             mix_s, mix_t = _mix_divergences(log_ps, log_pt, call.beta)
@@ -112,11 +112,11 @@ def _row_gradients(log_ps, log_pt, stats, call: RowCall, want_teacher: bool):
     ps, pt = log_ps.exp(), log_pt.exp()
     d = stats[Stat.KL][:, None]
     grad_t = None
-    if call.divergence == 0:
+    if call.divergence == REVERSE_KL:
         grad_s = _weighted_log_ratio(ps, log_ps, log_pt, d)
         if want_teacher:
             grad_t = pt - ps
-    elif call.divergence == 1:
+    elif call.divergence == FORWARD_KL:
         grad_s = ps - pt
         if want_teacher:
             grad_t = _weighted_log_ratio(pt, log_pt, log_ps, d)

@@ -102,6 +102,12 @@ _MIX_T: tl.constexpr = tl.constexpr(int(Stat.MIX_T))
 # Masked rows (mask[i] False) read nothing (the block loops run up to 0 instead of vocab_size) and store
 # exact zeros in every statistic.
 @triton.jit
+def _row_start(p_base, i_b, i_t, stride_b, stride_t):
+    """Pointer to row (i_b, i_t) (int64) of a (B, T, V) tensor with these batch and position strides."""
+    return p_base + i_b * stride_b + i_t * stride_t
+
+
+@triton.jit
 def _kl_cross_step(b_cross, b_inf_hit, b_z_p, b_z_q, b_e_p, b_l_p, b_l_q, b_sum_p, b_alpha_p, b_max_moves,
                    b_max_q, m_col, inv_temperature):
     """One block of KL(p || q)'s cross term X = sum_v e_p (l_p - l_q) (reverse KL: p = s, q = t; forward
@@ -170,8 +176,8 @@ def _row_forward_kernel(
     i_n = tl.program_id(0).to(tl.int64)  # row index; int64 so that the row offsets cannot overflow
     i_b = i_n // length  # batch entry of the row
     i_t = i_n % length  # position of the row
-    p_s_row = p_student + i_b * stride_student_b + i_t * stride_student_t
-    p_t_row = p_teacher + i_b * stride_teacher_b + i_t * stride_teacher_t
+    p_s_row = _row_start(p_student, i_b, i_t, stride_student_b, stride_student_t)
+    p_t_row = _row_start(p_teacher, i_b, i_t, stride_teacher_b, stride_teacher_t)
     o_v = tl.arange(0, BLOCK_V)
 
     b_valid = tl.load(p_mask + i_n * stride_mask) != 0
@@ -273,8 +279,8 @@ def _row_mix_kernel(
     i_n = tl.program_id(0).to(tl.int64)  # row index; int64 so that the row offsets cannot overflow
     i_b = i_n // length  # batch entry of the row
     i_t = i_n % length  # position of the row
-    p_s_row = p_student + i_b * stride_student_b + i_t * stride_student_t
-    p_t_row = p_teacher + i_b * stride_teacher_b + i_t * stride_teacher_t
+    p_s_row = _row_start(p_student, i_b, i_t, stride_student_b, stride_student_t)
+    p_t_row = _row_start(p_teacher, i_b, i_t, stride_teacher_b, stride_teacher_t)
     b_valid = tl.load(p_mask + i_n * stride_mask) != 0
     b_end = tl.where(b_valid, vocab_size, 0)  # columns read: none on a masked row
     p_st = p_stats + i_n * stride_stats_n
@@ -353,10 +359,10 @@ def _row_backward_kernel(
     i_n = tl.program_id(0).to(tl.int64)  # row index; int64 offsets
     i_b = i_n // length  # batch entry of the row
     i_t = i_n % length  # position of the row
-    p_s_row = p_student + i_b * stride_student_b + i_t * stride_student_t
-    p_t_row = p_teacher + i_b * stride_teacher_b + i_t * stride_teacher_t
-    p_gs_row = p_grad_student + i_b * stride_gs_b + i_t * stride_gs_t
-    p_gt_row = p_grad_teacher + i_b * stride_gt_b + i_t * stride_gt_t
+    p_s_row = _row_start(p_student, i_b, i_t, stride_student_b, stride_student_t)
+    p_t_row = _row_start(p_teacher, i_b, i_t, stride_teacher_b, stride_teacher_t)
+    p_gs_row = _row_start(p_grad_student, i_b, i_t, stride_gs_b, stride_gs_t)
+    p_gt_row = _row_start(p_grad_teacher, i_b, i_t, stride_gt_b, stride_gt_t)
     o_v = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
 

@@ -37,10 +37,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..config import DIVERGENCE_CODES
+from ..config import JSD, REVERSE_KL
 from .contract import NUM_STATS, RowCall, RowOps, Stat
 
-_REVERSE_KL, _FORWARD_KL, _JSD = (DIVERGENCE_CODES[name] for name in ("reverse_kl", "forward_kl", "jsd"))
 _CHECKED: set = set()  # (group, student width, teacher width) found equal on every rank of the group
 
 
@@ -91,12 +90,12 @@ class VocabParallelOps(NamedTuple):
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor, call: RowCall) -> Tensor:
         if not self.has_columns:
             local = _no_mass(mask.numel(), student.device)
-        elif call.divergence == _JSD:  # MAX and LOGSUM only: one pass (jsd's own second pass needs them global)
-            local = self.ops.forward(student, teacher, mask, call._replace(divergence=_REVERSE_KL, beta=0.5))
+        elif call.divergence == JSD:  # MAX and LOGSUM only: one pass (jsd's own second pass needs them global)
+            local = self.ops.forward(student, teacher, mask, call._replace(divergence=REVERSE_KL, beta=0.5))
         else:
             local = self.ops.forward(student, teacher, mask, call)
         stats = _combine_normalisers(local, call, self.group)
-        if call.divergence == _JSD:
+        if call.divergence == JSD:
             mixes = self.ops.mix(student, teacher, mask, stats, call) if self.has_columns \
                 else stats.new_zeros((2, mask.numel()))
             dist.all_reduce(mixes, group=self.group)
@@ -153,14 +152,14 @@ def _combine_normalisers(local: Tensor, call: RowCall, group) -> Tensor:
     shifted = local[[Stat.LOGSUM_S, Stat.LOGSUM_T]] + (local_max - maxima) / call.temperature
     log_mass = torch.where(local_max == float("-inf"), float("-inf"), shifted)  # (a_r, b_r)
     sums = log_mass.exp()
-    if call.divergence != _JSD:
-        p, q = (0, 1) if call.divergence == _REVERSE_KL else (1, 0)
+    if call.divergence != JSD:
+        p, q = (0, 1) if call.divergence == REVERSE_KL else (1, 0)
         sums = torch.cat((sums, _cross_term(log_mass[p], log_mass[q], local[Stat.KL])[None]))
     dist.all_reduce(sums, group=group)
     log_sums = sums[:2].log()  # (log S, log T)
     stats = torch.zeros_like(local)
     stats[Stat.MAX_S], stats[Stat.MAX_T] = maxima
     stats[Stat.LOGSUM_S], stats[Stat.LOGSUM_T] = log_sums
-    if call.divergence != _JSD:
+    if call.divergence != JSD:
         stats[Stat.KL] = sums[2] / sums[p] - log_sums[p] + log_sums[q]
     return stats
