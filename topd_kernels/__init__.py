@@ -6,7 +6,8 @@ Semantics: docs/SPEC.md, stated as runnable float64 code in `topd_kernels.refere
 """
 from . import reference
 from .config import LossConfig, Quantile, WindowKLStats
+from .forms import TopK
 from .functional import WindowKLLoss, fused_window_kl
 
-__all__ = ["fused_window_kl", "WindowKLLoss", "LossConfig", "Quantile", "WindowKLStats", "reference"]
+__all__ = ["fused_window_kl", "WindowKLLoss", "TopK", "LossConfig", "Quantile", "WindowKLStats", "reference"]
 __version__ = "0.1.0"

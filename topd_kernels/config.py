@@ -20,6 +20,9 @@ import torch
 DIVERGENCE_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 REVERSE_KL, FORWARD_KL, JSD = DIVERGENCE_CODES.values()
 DIVERGENCES = tuple(DIVERGENCE_CODES)
+# A top-k teacher's tail (SPEC "Top-k teacher"), likewise a code inside the kernels.
+TAIL_CODES = {"bucket": 0, "renormalize": 1}
+BUCKET, RENORMALIZE = TAIL_CODES.values()
 REDUCTIONS = ("mean", "sum", "batchmean", "none")
 
 

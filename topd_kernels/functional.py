@@ -18,7 +18,8 @@ import torch
 from .config import LossConfig, WindowKLStats, config_signature, split_config
 from .layout import flatten_inputs
 from .rows import vocab_parallel
-from .rows.contract import RowCall, RowOps, Stat, make_row_call, rows_disjoint
+from .forms import TopK
+from .rows.contract import Stat, make_row_call, make_topk_call, rows_disjoint
 from .rows.registry import resolve
 from .window import window_step
 
@@ -70,11 +71,14 @@ def _gradient(source: torch.Tensor, geometry: Geometry) -> tuple:
 
 
 class _WindowKLFunction(torch.autograd.Function):
+    """teacher: the logits (or their autograd source), or a TopK's logprobs with its ids in teacher_extra; the
+    row ops (RowOps / TopKOps) take the teacher's tensors in that order."""
+
     @staticmethod
-    def forward(ctx, student, teacher, geometries, mask, seq_id, num_seqs, cfg: LossConfig, call: RowCall,
-                ops: RowOps):
+    def forward(ctx, student, teacher, geometries, mask, seq_id, num_seqs, cfg: LossConfig, call, ops,
+                *teacher_extra):
         student_rows, teacher_rows = _rows_of(student, geometries[0]), _rows_of(teacher, geometries[1])
-        stats = ops.forward(student_rows, teacher_rows, mask, call)
+        stats = ops.forward(student_rows, teacher_rows, *teacher_extra, mask, call)
         step = window_step(stats[Stat.KL], mask, seq_id, cfg)
         loss = step.weight * step.kl
         denominator = _denominator(cfg, mask, num_seqs)
@@ -82,23 +86,23 @@ class _WindowKLFunction(torch.autograd.Function):
             loss = loss.sum()
             if denominator is not None:
                 loss = loss / denominator
-        ctx.save_for_backward(student, teacher, stats, step.weight)
+        ctx.save_for_backward(student, teacher, stats, step.weight, *teacher_extra)
         ctx.geometries, ctx.call, ctx.ops, ctx.denominator = geometries, call, ops, denominator
         ctx.mark_non_differentiable(*step)
         return (loss, *step)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
-        student, teacher, stats, weight = ctx.saved_tensors
+        student, teacher, stats, weight, *teacher_extra = ctx.saved_tensors
         geometry_s, geometry_t = ctx.geometries
         coef = weight * grad_loss.to(torch.float32)
         if ctx.denominator is not None:
             coef = coef / ctx.denominator
         grad_student, student_grad_rows = _gradient(student, geometry_s)
         grad_teacher, teacher_grad_rows = _gradient(teacher, geometry_t) if ctx.needs_input_grad[1] else (None, None)
-        ctx.ops.backward_into(_rows_of(student, geometry_s), _rows_of(teacher, geometry_t), stats,
+        ctx.ops.backward_into(_rows_of(student, geometry_s), _rows_of(teacher, geometry_t), *teacher_extra, stats,
                               coef.contiguous(), ctx.call, student_grad_rows, teacher_grad_rows)
-        return grad_student, grad_teacher, None, None, None, None, None, None, None
+        return (grad_student, grad_teacher, *[None] * (7 + len(teacher_extra)))
 
 
 @config_signature
@@ -110,6 +114,8 @@ def fused_window_kl(student_logits, teacher_logits, *, mask=None, cu_seqlens=Non
         student_logits: (B, T, Vs) or packed (N, Vs); float32, bfloat16 or float16. Any strides on the
             leading dims (a slice such as `logits[:, :-1]` is read in place, never copied).
         teacher_logits: (B, T, Vt) or (N, Vt); may differ in dtype; gets a gradient if it requires one.
+            Or a `topd_kernels.TopK` (token ids and log-probabilities, (B, T, k) or (N, k)): a teacher
+            given by its top-k log-probabilities (SPEC "Top-k teacher").
         mask: bool (B, T) or (N,); None = all valid. Invalid rows are not read.
         cu_seqlens: int (S + 1,) sequence boundaries [0, ..., N], packed layout only.
         return_stats: also return a WindowKLStats.
@@ -139,13 +145,21 @@ def fused_window_kl(student_logits, teacher_logits, *, mask=None, cu_seqlens=Non
         raise TypeError(f"fused_window_kl: unexpected keyword argument(s) {sorted(unknown)}")
     rows = flatten_inputs(student_logits, teacher_logits, mask, cu_seqlens, cfg,
                           vocab_shards=vocab_parallel.group_size(vocab_parallel_group))
-    ops, vocab = resolve(backend, rows.student.device), rows.vocab_size
-    if vocab_parallel_group is not None:
-        ops, vocab = vocab_parallel.on_shard(ops, vocab_parallel_group, rows.student, rows.teacher, vocab)
-    call = make_row_call(rows.student, rows.teacher, vocab, cfg.temperature, cfg.divergence_code, cfg.beta)
-    (student, geometry_s), (teacher, geometry_t) = _autograd_source(rows.student), _autograd_source(rows.teacher)
+    (student, geometry_s) = _autograd_source(rows.student)
+    if isinstance(rows.teacher, TopK):
+        topk = rows.teacher
+        ops = resolve(backend, rows.student.device, form="topk")
+        call = make_topk_call(rows.student, topk.logprobs, topk.token_ids, rows.vocab_size, cfg.temperature,
+                              cfg.divergence_code, cfg.beta, topk.tail_code)
+        teacher, geometry_t, teacher_extra = topk.logprobs, None, (topk.token_ids,)
+    else:
+        ops, vocab = resolve(backend, rows.student.device), rows.vocab_size
+        if vocab_parallel_group is not None:
+            ops, vocab = vocab_parallel.on_shard(ops, vocab_parallel_group, rows.student, rows.teacher, vocab)
+        call = make_row_call(rows.student, rows.teacher, vocab, cfg.temperature, cfg.divergence_code, cfg.beta)
+        (teacher, geometry_t), teacher_extra = _autograd_source(rows.teacher), ()
     loss, *step = _WindowKLFunction.apply(student, teacher, (geometry_s, geometry_t), rows.mask, rows.seq_id,
-                                          rows.num_seqs, cfg, call, ops)
+                                          rows.num_seqs, cfg, call, ops, *teacher_extra)
     if cfg.reduction == "none":
         loss = loss.reshape(rows.shape)
     if not return_stats:

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .config import LossConfig
+from .forms import TopK, check_topk_values
 from .rows.contract import LOGIT_DTYPES
 
 
@@ -21,7 +22,7 @@ class Rows(NamedTuple):
     (B = 1, T = N for the packed layout); row i of the flat order is (b, t) = divmod(i, T)."""
 
     student: torch.Tensor
-    teacher: torch.Tensor
+    teacher: "torch.Tensor | TopK"  # logits (B, T, Vt), or a TopK whose tensors are (B, T, k) views
     mask: torch.Tensor       # bool (N,)
     seq_id: torch.Tensor     # int64 (N,): which sequence each row belongs to
     num_seqs: int            # B, the number of packed sequences, or 1
@@ -85,16 +86,25 @@ def flatten_inputs(student, teacher, mask, cu_seqlens, cfg: LossConfig, dtypes=L
     (SPEC "Vocabulary-parallel"); None without one. Their widths are then checked across the group by
     rows/vocab_parallel.py, not here, and vocab_size counts global columns (default: all of every rank).
     """
+    if isinstance(student, TopK):
+        raise TypeError("student_logits: a TopK can only be the teacher")
     _check_logits("student_logits", student, dtypes)
-    _check_logits("teacher_logits", teacher, dtypes)
-    if student.device != teacher.device:
-        raise ValueError(f"teacher_logits: on {teacher.device}, but student_logits is on {student.device}")
-    if student.shape[:-1] != teacher.shape[:-1]:
+    if isinstance(teacher, TopK):
+        if vocab_shards is not None:
+            raise ValueError("vocab_parallel_group: a TopK teacher is not supported with a vocabulary-parallel "
+                             "group yet")
+        teacher_shape, teacher_device = tuple(teacher.token_ids.shape), teacher.token_ids.device
+    else:
+        _check_logits("teacher_logits", teacher, dtypes)
+        teacher_shape, teacher_device = tuple(teacher.shape), teacher.device
+    if student.device != teacher_device:
+        raise ValueError(f"teacher_logits: on {teacher_device}, but student_logits is on {student.device}")
+    if tuple(student.shape[:-1]) != teacher_shape[:-1]:
         raise ValueError(
-            f"teacher_logits: leading shape {tuple(teacher.shape[:-1])} does not match student_logits' "
+            f"teacher_logits: leading shape {teacher_shape[:-1]} does not match student_logits' "
             f"{tuple(student.shape[:-1])}"
         )
-    vs, vt = student.shape[-1], teacher.shape[-1]
+    vs, vt = student.shape[-1], (student.shape[-1] if isinstance(teacher, TopK) else teacher.shape[-1])
     if vocab_shards is not None:
         vocab = vocab_shards * vs if cfg.vocab_size is None else cfg.vocab_size
     elif cfg.vocab_size is None:
@@ -108,6 +118,10 @@ def flatten_inputs(student, teacher, mask, cu_seqlens, cfg: LossConfig, dtypes=L
         if cfg.vocab_size > min(vs, vt):
             raise ValueError(f"vocab_size: {cfg.vocab_size} is larger than a vocabulary ({vs} student, {vt} teacher)")
         vocab = cfg.vocab_size
+    if isinstance(teacher, TopK):
+        if teacher.k > vocab:
+            raise ValueError(f"teacher_logits: TopK has k = {teacher.k} slots, more than the vocabulary ({vocab})")
+        check_topk_values(teacher, vocab)
     shape = tuple(student.shape[:-1])
     n_rows = math.prod(shape)
     device = student.device
@@ -137,7 +151,8 @@ def flatten_inputs(student, teacher, mask, cu_seqlens, cfg: LossConfig, dtypes=L
 
     return Rows(
         student=_row_grid(student),
-        teacher=_row_grid(teacher),
+        teacher=(TopK(_row_grid(teacher.token_ids), _row_grid(teacher.logprobs), teacher.tail)
+                 if isinstance(teacher, TopK) else _row_grid(teacher)),
         mask=mask.reshape(n_rows),
         seq_id=seq_id,
         num_seqs=num_seqs,

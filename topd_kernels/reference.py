@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .config import Quantile, WindowKLStats, config_signature, split_config
+from .forms import TopK
 from .layout import flatten_inputs
 
 _REFERENCE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -21,13 +22,39 @@ def _sum_p_log_ratio(p, log_p, log_q):
 
 
 def token_divergence(student, teacher, divergence: str, beta: float, temperature: float, dtype=torch.float64):
-    """Per-row divergence d. student, teacher: (R, V) -> (R,).
+    """Per-row divergence d. student, teacher: (R, V) logits -> (R,).
 
     Computed in `dtype` (float64 for the reference); dtype=None keeps each input's own dtype, as plain
     PyTorch would (the tests' low-precision yardstick).
     """
     log_ps = torch.log_softmax((student if dtype is None else student.to(dtype)) / temperature, dim=-1)
     log_pt = torch.log_softmax((teacher if dtype is None else teacher.to(dtype)) / temperature, dim=-1)
+    return category_divergence(log_ps, log_pt, divergence, beta)
+
+
+def topk_divergence(student, topk: TopK, divergence: str, beta: float, temperature: float, dtype=torch.float64):
+    """Per-row divergence d against a top-k teacher (SPEC "Top-k teacher"). student: (R, V) logits, topk's
+    tensors (R, k) -> (R,). dtype as in `token_divergence`."""
+    student = student if dtype is None else student.to(dtype)
+    logprobs = topk.logprobs if dtype is None else topk.logprobs.to(dtype)
+    live = logprobs > float("-inf")
+    z_slots = student.gather(-1, torch.where(live, topk.token_ids, 0).long()) / temperature
+    if topk.tail == "renormalize":  # the live slots only, each side renormalised
+        empty = ~live.any(-1, keepdim=True)  # no category: d = 0 (kept away from log_softmax of all -inf)
+        log_ps = torch.log_softmax(torch.where(live | empty, z_slots, float("-inf")), dim=-1)
+        log_pt = torch.log_softmax(torch.where(live | empty, logprobs, float("-inf")), dim=-1)
+        return category_divergence(log_ps.masked_fill(empty, float("-inf")), log_pt.masked_fill(empty, float("-inf")),
+                                   divergence, beta)
+    log_ps = torch.where(live, z_slots - torch.logsumexp(student / temperature, dim=-1, keepdim=True), float("-inf"))
+    # The remaining mass, floored at 1e-7 (clamp passes no gradient where the floor is active).
+    tail_s = (1 - log_ps.exp().sum(-1, keepdim=True)).clamp(min=1e-7)
+    tail_t = (1 - torch.where(live, logprobs.exp(), 0.0).sum(-1, keepdim=True)).clamp(min=1e-7)
+    return category_divergence(torch.cat((log_ps, tail_s.log()), -1), torch.cat((logprobs, tail_t.log()), -1),
+                               divergence, beta)
+
+
+def category_divergence(log_ps, log_pt, divergence: str, beta: float):
+    """d of two distributions over the same categories, given as log-probabilities (R, C) -> (R,)."""
     ps, pt = log_ps.exp(), log_pt.exp()
     if divergence == "reverse_kl":
         return _sum_p_log_ratio(ps, log_ps, log_pt)
@@ -69,9 +96,15 @@ def window_kl_reference(student_logits, teacher_logits, *, mask=None, cu_seqlens
     # d_t, computed on the valid rows only so that invalid rows get exactly zero gradient.
     d = torch.zeros(n, dtype=torch.float64, device=rows.student.device)
     index = valid.nonzero().flatten().to(d.device)
-    student, teacher = rows.student.flatten(0, 1), rows.teacher.flatten(0, 1)
-    d = d.index_put((index,), token_divergence(student[index, :V], teacher[index, :V],
-                                               cfg.divergence, cfg.beta, cfg.temperature))
+    student = rows.student.flatten(0, 1)[index, :V]
+    if isinstance(rows.teacher, TopK):
+        topk = TopK(rows.teacher.token_ids.flatten(0, 1)[index], rows.teacher.logprobs.flatten(0, 1)[index],
+                    rows.teacher.tail)
+        d_valid = topk_divergence(student, topk, cfg.divergence, cfg.beta, cfg.temperature)
+    else:
+        d_valid = token_divergence(student, rows.teacher.flatten(0, 1)[index, :V], cfg.divergence, cfg.beta,
+                                   cfg.temperature)
+    d = d.index_put((index,), d_valid)
     d_val = d.detach().cpu()
     m = valid.double()
     d_list, m_list = d_val.tolist(), m.tolist()

@@ -56,12 +56,41 @@ Gradients (the one derivation; every backend writes these)
         log m = logaddexp(log(1 - beta) + log p_s, log(beta) + log p_t)
     Every term p * (...) with p == 0 is 0: an entry at -inf contributes nothing (never 0 * inf).
 
-What comes next fits here (SPEC "Input forms"):
-    Hidden      the row functions run on chunks of rows whose logits a matrix product has just made
-                (B = 1, T = chunk rows); the chunk's gradient goes back through the product.
-    TopK        a teacher given as k (id, log-probability) pairs per row: the teacher side of the call is
-                those (B, T, k) tensors instead of logits; the student side (MAX_S, LOGSUM_S, and the
-                k gathered log-probabilities) is the same, the divergence runs over k + 1 categories.
+Top-k teacher rows (SPEC "Top-k teacher"; `define_topk_ops`, TopKCall)
+    forward(student, teacher_logprobs, teacher_ids, mask, call: TopKCall) -> stats
+    backward(student, teacher_logprobs, teacher_ids, stats, coef, call, grad_student) -> None
+    teacher_logprobs (B, T, k) float, teacher_ids (B, T, k) int32 / int64, any strides (the loss hands in
+    contiguous ones): slot j of a row is live when its log-probability is not -inf (a padding slot's id is
+    never read); the live ids are distinct and in [0, V) (checked before the call). No teacher gradient.
+    Categories of a row: its live slots S, plus the tail for "bucket". With a = z_s / tau:
+        bucket       MAX_S, LOGSUM_S over the V columns (as for logits), P_j = exp(log p at id_j),
+                     P_tail = max(1 - sum_S P_j, 1e-7), Q_j = exp(logprob_j), Q_tail = max(1 - sum_S Q_j, 1e-7)
+        renormalize  MAX_S, LOGSUM_S over the live slots only (the row's columns are not read):
+                     P_j = exp((z_j - MAX_S) / tau - LOGSUM_S) = softmax over S, Q_j = q_j / sum_S q
+    Stored: MAX_S, LOGSUM_S, KL = d over the categories (0 with S empty); the other statistics are 0.
+    The backward recomputes the categories from the k slots and the stored MAX_S, LOGSUM_S (the same
+    arithmetic as the forward, so the tail is the same number).
+    Gradient. With g_c = dd/dP_c for the divergence taken over the categories,
+        reverse_kl  P_c g_c = P_c (log P_c - log Q_c + 1)
+        forward_kl  P_c g_c = -Q_c
+        jsd         P_c g_c = (1 - beta) P_c (log P_c - log M_c),  M_c = (1 - beta) P_c + beta Q_c
+    (each 0 where P_c = 0, except forward_kl's). dP_j/da_v = P_j ([v = id_j] - p_v), and for the tail
+    dP_tail/da_v = -sum_j dP_j/da_v, so with g_tail taken as 0 where P_tail is floored (no gradient through
+    an active floor) and for renormalize (whose P_j = softmax over S already carries its normaliser),
+        G = sum_S P_j g_j - g_tail sum_S P_j
+        dd/da_v = -p_v G (bucket; 0 for renormalize)  +  [v = id_j] (P_j g_j - P_j g_tail - [renormalize] P_j G)
+    For renormalize this is P_j (g_j - sum_S P_i g_i) at the slots: the logits formula over k columns.
+    The tail mass: 1 - sum_S P_j cancels when the slots hold nearly all of the student's mass. Each P_j
+    carries a relative float32 error of a few u (|log P_j| + LOGSUM_S) (u = 2^-24), so the computed tail
+    errs by a few u (k + LOGSUM_S) absolute whatever its size: a float32 log_softmax of the whole row errs
+    by as much. It enters d as P_tail log(P_tail / Q_tail) (an error of that size times
+    |log(P_tail / Q_tail)| + 1) and the gradient through P_j g_tail at the slots and p_v G elsewhere; G's
+    error is of the same absolute size (g_tail's relative error is large only where P_tail is tiny, and is
+    multiplied by the slots' 1 - P_tail) and p_v <= P_tail, so every output keeps the absolute error of a
+    float32 computation of the whole row (the tests check the three-way bound on rows whose slots hold all
+    but 1e-5 of the student's mass).
+Hidden (SPEC "Input forms") will fit here: the row functions run on chunks of rows whose logits a matrix
+product has just made (B = 1, T = chunk rows); the chunk's gradient goes back through the product.
 Vocabulary shards (SPEC "Vocabulary-parallel") are `vocab_parallel.py`: the statistics of each rank's columns
 combine exactly into those of the whole rows, from which every backward writes the rank's columns' gradient.
 """
@@ -75,7 +104,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..config import JSD
+from ..config import JSD, TAIL_CODES
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -121,6 +150,31 @@ def make_row_call(student: Tensor, teacher: Tensor, vocab_size: int, temperature
     if divergence == JSD and not 0.0 < beta < 1.0:
         raise ValueError(f"beta: must be in (0, 1) for jsd, got {beta}")
     return RowCall(int(vocab_size), float(temperature), int(divergence), float(beta) if divergence == JSD else 0.5)
+
+
+class TopKCall(NamedTuple):
+    """A row call whose teacher is top-k log-probabilities: RowCall's fields and the tail."""
+
+    vocab_size: int     # V: the student's columns read; every id of a non-padding slot is in [0, V)
+    temperature: float  # tau > 0, the student's only (the teacher's log-probabilities are used as given)
+    divergence: int     # config.DIVERGENCE_CODES
+    beta: float         # as in RowCall
+    tail: int           # config.TAIL_CODES
+
+
+def make_topk_call(student: Tensor, logprobs: Tensor, ids: Tensor, vocab_size: int, temperature: float,
+                   divergence: int, beta: float, tail: int) -> TopKCall:
+    """The checked TopKCall for (B, T, Vs) student rows and (B, T, k) teacher slots."""
+    call = make_row_call(student, student, vocab_size, temperature, divergence, beta)
+    if (logprobs.dim() != 3 or logprobs.shape != ids.shape or logprobs.shape[:2] != student.shape[:2]
+            or not logprobs.is_floating_point() or ids.dtype not in (torch.int32, torch.int64)
+            or logprobs.device != student.device or ids.device != student.device):
+        raise ValueError(f"teacher: expected (B, T, k) float log-probabilities and int32/int64 ids on "
+                         f"{student.device} with the student's rows {tuple(student.shape[:2])}, got "
+                         f"{logprobs.dtype} {tuple(logprobs.shape)} and {ids.dtype} {tuple(ids.shape)}")
+    if tail not in TAIL_CODES.values():
+        raise ValueError(f"tail: unknown code {tail}")
+    return TopKCall(*call, int(tail))
 
 
 def rows_disjoint(x: Tensor) -> bool:
@@ -212,21 +266,33 @@ class RowOps(NamedTuple):
         return grad_student, grad_teacher
 
 
-def _with_signature(impl: Callable, signature: inspect.Signature, n_tensors: int) -> Callable:
-    """An op body with `signature`, calling impl(*first n_tensors args, RowCall(...), *the rest) after
-    checking the gradients it will write (the backward's trailing arguments; the forward has none)."""
+def _with_signature(impl: Callable, signature: inspect.Signature, n_tensors: int, call_type, writes) -> Callable:
+    """An op body with `signature`, calling impl(*first n_tensors args, call_type(...), *the rest) after
+    checking the gradients it will write (the backward's trailing arguments; the forward has none): each
+    against the logits tensor of the same position (student, then teacher)."""
+    n_call = len(call_type._fields)
 
     def body(*args):
-        call = RowCall(*args[n_tensors:n_tensors + len(_CALL)])
-        writes = args[n_tensors + len(_CALL):]
-        for name, grad, logits in zip(_BACKWARD_WRITES, writes, args[:2]):
+        call = call_type(*args[n_tensors:n_tensors + n_call])
+        grads = args[n_tensors + n_call:]
+        for name, grad, logits in zip(writes, grads, args[:2]):
             if grad is not None:
                 check_gradient(name, grad, logits)
-        return impl(*args[:n_tensors], call, *writes)
+        return impl(*args[:n_tensors], call, *grads)
 
     body.__signature__ = signature
     body.__name__ = impl.__name__
     return body
+
+
+def _register(qualname: str, impl: Callable, signature: inspect.Signature, n_tensors: int, call_type, writes,
+              fake: Callable, triton: bool):
+    body = _with_signature(impl, signature, n_tensors, call_type, writes)
+    if triton:
+        return torch.library.triton_op(qualname, body, mutates_args=writes)
+    op = torch.library.custom_op(qualname, body, mutates_args=writes)
+    op.register_fake(fake)
+    return op
 
 
 def define_row_ops(name: str, forward: Optional[Callable], backward: Callable, *, mix: Optional[Callable] = None,
@@ -246,15 +312,53 @@ def define_row_ops(name: str, forward: Optional[Callable], backward: Callable, *
         ("backward", backward, _BACKWARD_SIGNATURE, _BACKWARD_WRITES, _fake_backward),
         ("mix", mix, _MIX_SIGNATURE, (), _fake_mix),
     ):
-        if impl is None:
-            ops.append(None)
-            continue
-        body = _with_signature(impl, signature, n_tensors=3 if direction == "forward" else 4)
-        qualname = f"topd::{name}_row_{direction}"
-        if triton:
-            op = torch.library.triton_op(qualname, body, mutates_args=writes)
-        else:
-            op = torch.library.custom_op(qualname, body, mutates_args=writes)
-            op.register_fake(fake)
-        ops.append(op)
+        n_tensors = 3 if direction == "forward" else 4
+        ops.append(None if impl is None else _register(f"topd::{name}_row_{direction}", impl, signature,
+                                                       n_tensors, RowCall, writes, fake, triton))
     return RowOps(name, *ops)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Top-k teacher rows
+# ---------------------------------------------------------------------------------------------------
+_TOPK_CALL = tuple(typing.get_type_hints(TopKCall).items())
+_TOPK_FORWARD_SIGNATURE = inspect.Signature(
+    _parameters(("student", Tensor), ("teacher_logprobs", Tensor), ("teacher_ids", Tensor), ("mask", Tensor),
+                *_TOPK_CALL), return_annotation=Tensor)
+_TOPK_BACKWARD_SIGNATURE = inspect.Signature(
+    _parameters(("student", Tensor), ("teacher_logprobs", Tensor), ("teacher_ids", Tensor), ("stats", Tensor),
+                ("coef", Tensor), *_TOPK_CALL, ("grad_student", Tensor)), return_annotation=None)
+
+
+class TopKOps(NamedTuple):
+    """A backend's row functions for a top-k teacher (TopKCall), with the interface of RowOps the loss uses:
+    the teacher arrives as its log-probabilities and, after them, its ids. No gradient reaches the teacher."""
+
+    name: str
+    forward_op: Callable
+    backward_op: Callable
+
+    def forward(self, student: Tensor, logprobs: Tensor, ids: Tensor, mask: Tensor, call: TopKCall) -> Tensor:
+        return self.forward_op(student, logprobs, ids, mask, *call)
+
+    def backward_into(self, student, logprobs, ids, stats, coef, call: TopKCall, grad_student,
+                      grad_teacher=None) -> None:
+        """Write the student's gradient into grad_student (grad_teacher must be None)."""
+        if grad_teacher is not None:
+            raise ValueError("grad_teacher: a top-k teacher's log-probabilities get no gradient")
+        self.backward_op(student, logprobs, ids, stats, coef, *call, grad_student)
+
+
+def define_topk_ops(name: str, forward: Callable, backward: Callable, *, triton: bool = False) -> TopKOps:
+    """Register forward(student, logprobs, ids, mask, call: TopKCall) -> stats and
+    backward(student, logprobs, ids, stats, coef, call, grad_student) -> None as the ops
+    `topd::{name}_topk_forward` and `topd::{name}_topk_backward`, as `define_row_ops` does."""
+    return TopKOps(name,
+                   _register(f"topd::{name}_topk_forward", forward, _TOPK_FORWARD_SIGNATURE, 4, TopKCall, (),
+                             _fake_topk_forward, triton),
+                   _register(f"topd::{name}_topk_backward", backward, _TOPK_BACKWARD_SIGNATURE, 5, TopKCall,
+                             ("grad_student",), _fake_backward, triton))
+
+
+def _fake_topk_forward(student, *args):
+    return student.new_empty((NUM_STATS, student.shape[0] * student.shape[1]), dtype=torch.float32)

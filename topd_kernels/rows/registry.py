@@ -10,6 +10,9 @@ what can run where. A backend module is imported only when asked for (triton is 
                    extension built. On CPU tensors (interpreter) the extension runs the host build of
                    its CUDA arithmetic: slow, there to check that arithmetic.
     "auto"         the first of AUTO_ORDER[device type] that can run; any other device type: "torch".
+
+Each backend provides ops for each teacher form (FORMS): "logits" (RowOps) and "topk" (TopKOps: the Triton
+top-k kernels `triton_topk.py` for both Triton backends, the extension having no top-k backward).
 """
 from __future__ import annotations
 
@@ -20,33 +23,37 @@ import torch
 
 from .contract import RowOps
 
+FORMS = ("logits", "topk")  # the teacher's forms; every backend has ops for each
+
 
 @dataclass(frozen=True)
 class Backend:
     name: str
-    load: Callable[[], RowOps]    # imports the backend's modules; raises when they cannot run here
+    load: Callable[[], dict]      # {form: its ops}; imports the backend's modules, raises when they cannot run here
     devices: Callable[[], tuple]  # device types it runs on, once loaded
 
 
 # Plain import statements (not importlib): a compiler tracing the loss (torch.compile) follows them.
-def _torch_ops() -> RowOps:
+def _torch_ops() -> dict:
     from . import torch_rows
 
-    return torch_rows.OPS
+    return {"logits": torch_rows.OPS, "topk": torch_rows.TOPK_OPS}
 
 
-def _triton_ops() -> RowOps:
-    from . import triton_rows
+def _triton_ops() -> dict:
+    from . import triton_rows, triton_topk
 
-    return triton_rows.OPS
+    return {"logits": triton_rows.OPS, "topk": triton_topk.OPS}
 
 
-def _triton_cuda_ops() -> RowOps:
-    from . import cuda_rows, triton_rows
+def _triton_cuda_ops() -> dict:
+    from . import cuda_rows, triton_rows, triton_topk
 
     if cuda_rows.UNAVAILABLE:
         raise ImportError(cuda_rows.UNAVAILABLE)
-    return RowOps("triton+cuda", triton_rows.OPS.forward_op, cuda_rows.OPS.backward_op, triton_rows.OPS.mix_op)
+    return {"logits": RowOps("triton+cuda", triton_rows.OPS.forward_op, cuda_rows.OPS.backward_op,
+                             triton_rows.OPS.mix_op),
+            "topk": triton_topk.OPS}
 
 
 def _triton_devices() -> tuple:
@@ -90,8 +97,9 @@ def auto_backend(device: torch.device) -> str:
     return "torch"
 
 
-def resolve(name: str, device: torch.device) -> RowOps:
-    """The row ops of `backend=name` for tensors on `device`, or a ValueError naming `backend`.
+def resolve(name: str, device: torch.device, form: str = "logits"):
+    """The row ops of `backend=name` for tensors on `device` and a teacher of `form` (FORMS), or a ValueError
+    naming `backend`.
 
     Never falls back silently: a named backend that cannot run on `device` is an error.
     """
@@ -102,4 +110,4 @@ def resolve(name: str, device: torch.device) -> RowOps:
     why = unavailable(name, device)
     if why:
         raise ValueError(f"backend: {name!r} is not available for these tensors: {why}")
-    return BACKENDS[name].load()
+    return BACKENDS[name].load()[form]

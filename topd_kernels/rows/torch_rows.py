@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from ..config import FORWARD_KL, REVERSE_KL
-from .contract import NUM_STATS, RowCall, Stat, define_row_ops
+from ..config import BUCKET, FORWARD_KL, REVERSE_KL
+from .contract import NUM_STATS, RowCall, Stat, TopKCall, define_row_ops, define_topk_ops
 
 CHUNK_ELEMENTS = 1 << 21  # 8 MiB per float32 temporary
 
@@ -147,3 +147,101 @@ def row_backward(student, teacher, stats, coef, call: RowCall, grad_student, gra
 
 
 OPS = define_row_ops("torch", row_forward, row_backward, mix=row_mix)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Top-k teacher rows (contract.py, "Top-k teacher rows")
+# ---------------------------------------------------------------------------------------------------
+TAIL_FLOOR = 1e-7  # SPEC: both tails are floored at 1e-7
+
+
+def _topk_slots(student, logprobs, ids, st, call: TopKCall, normalisers: bool):
+    """The categories of a chunk of rows: (z (R, V) float32 or None, live (R, k), log P (R, k + 1), log Q (R, k + 1),
+    tail_free (R,): the student's tail is not floored, normalisers (max, logsum) (R,)). Column k is the tail
+    (-inf for renormalize). normalisers: compute MAX_S / LOGSUM_S here (forward) or read them from `st`."""
+    live = logprobs > float("-inf")
+    index = torch.where(live, ids, 0).to(torch.int64)
+    bucket = call.tail == BUCKET
+    z = student[:, :call.vocab_size].to(torch.float32) if bucket else None
+    z_slots = (z if bucket else student).gather(-1, index).to(torch.float32)
+    if not normalisers:
+        max_z, logsum = st[Stat.MAX_S], st[Stat.LOGSUM_S]
+    elif bucket:
+        _, max_z, logsum = _log_probs(z, call._replace(vocab_size=z.shape[-1]))
+    else:  # the normalisers of the live slots (an empty row gets 0, 0: it has no category)
+        masked = torch.where(live, z_slots, float("-inf"))
+        max_z = masked.amax(-1)
+        max_z = torch.where(live.any(-1), max_z, 0.0)
+        logsum = torch.logsumexp((masked - max_z[:, None]) / call.temperature, -1)
+        logsum = torch.where(live.any(-1), logsum, 0.0)
+    log_p = torch.where(live, (z_slots - max_z[:, None]) / call.temperature - logsum[:, None], float("-inf"))
+    log_q = logprobs.to(torch.float32)
+    if bucket:
+        p_rest = 1 - log_p.exp().sum(-1)
+        log_p = torch.cat((log_p, p_rest.clamp(min=TAIL_FLOOR).log()[:, None]), -1)
+        log_q = torch.cat((log_q, (1 - log_q.exp().sum(-1)).clamp(min=TAIL_FLOOR).log()[:, None]), -1)
+        tail_free = p_rest > TAIL_FLOOR
+    else:
+        log_q = log_q - torch.logsumexp(log_q, -1, keepdim=True).nan_to_num(neginf=0.0)
+        log_p = torch.cat((log_p, log_p.new_full((log_p.shape[0], 1), float("-inf"))), -1)
+        log_q = torch.cat((log_q, log_q.new_full((log_q.shape[0], 1), float("-inf"))), -1)
+        tail_free = torch.zeros_like(live[:, 0])
+    return z, live, index, log_p, log_q, tail_free, (max_z, logsum)
+
+
+def _category_divergence(log_p, log_q, call):
+    """d over the categories (R, C) of log-probabilities (0 log 0 = 0)."""
+    if call.divergence == REVERSE_KL:
+        return _weighted_log_ratio(log_p.exp(), log_p, log_q).sum(-1)
+    if call.divergence == FORWARD_KL:
+        return _weighted_log_ratio(log_q.exp(), log_q, log_p).sum(-1)
+    mix_p, mix_q = _mix_divergences(log_p, log_q, call.beta)
+    return call.beta * mix_q + (1 - call.beta) * mix_p
+
+
+def _category_weights(log_p, log_q, call):
+    """P_c g_c (R, C): the categories' P times the derivative of d with respect to P (contract.py)."""
+    p = log_p.exp()
+    if call.divergence == REVERSE_KL:
+        return _weighted_log_ratio(p, log_p, log_q, -1.0)
+    if call.divergence == FORWARD_KL:
+        return -log_q.exp()
+    return _weighted_log_ratio(p, log_p, _log_mix(log_p, log_q, call.beta)).mul_(1 - call.beta)
+
+
+def _topk_chunks(student, logprobs, ids, call):
+    batch, length = student.shape[:2]
+    for rows, b, span in _chunks(batch, length, call.vocab_size if call.tail == BUCKET else ids.shape[-1]):
+        yield rows, b, span, student[b, span], logprobs[b, span], ids[b, span]
+
+
+def topk_forward(student, logprobs, ids, mask, call: TopKCall):
+    """Row statistics (NUM_STATS, N) float32 per the contract's top-k rows."""
+    stats = torch.zeros(NUM_STATS, student.shape[0] * student.shape[1], dtype=torch.float32, device=student.device)
+    for rows, _, _, z, lq, slot_ids in _topk_chunks(student, logprobs, ids, call):
+        _, _, _, log_p, log_q, _, (max_z, logsum) = _topk_slots(z, lq, slot_ids, None, call, normalisers=True)
+        values = torch.stack((max_z, logsum, _category_divergence(log_p, log_q, call)))
+        stats[[Stat.MAX_S, Stat.LOGSUM_S, Stat.KL], rows] = torch.where(mask[rows], values, torch.zeros_like(values))
+    return stats
+
+
+def topk_backward(student, logprobs, ids, stats, coef, call: TopKCall, grad_student) -> None:
+    """Write coef * dd/dz into grad_student per the contract's top-k rows."""
+    bucket = call.tail == BUCKET
+    for rows, b, span, chunk, lq, slot_ids in _topk_chunks(student, logprobs, ids, call):
+        z, live, index, log_p, log_q, tail_free, _ = _topk_slots(chunk, lq, slot_ids, stats[:, rows], call,
+                                                                 normalisers=False)
+        weights = _category_weights(log_p, log_q, call)
+        p_slots = log_p[:, :-1].exp()
+        g_tail = torch.where(tail_free, weights[:, -1] / log_p[:, -1].exp(), 0.0)[:, None]
+        g_total = weights[:, :-1].sum(-1, keepdim=True) - g_tail * p_slots.sum(-1, keepdim=True)
+        slot = weights[:, :-1] - p_slots * (g_tail if bucket else g_tail + g_total)
+        if bucket:  # -p_v G over every column, then the slots' own terms added
+            grad = _log_p(z, stats[Stat.MAX_S, rows], stats[Stat.LOGSUM_S, rows], call).exp_().mul_(-g_total)
+        else:
+            grad = torch.zeros(chunk.shape[0], call.vocab_size, dtype=torch.float32, device=chunk.device)
+        grad.scatter_add_(-1, index, torch.where(live, slot, 0.0))
+        _store(grad_student[b, span], call.vocab_size, grad, coef[rows] / call.temperature)
+
+
+TOPK_OPS = define_topk_ops("torch", topk_forward, topk_backward)
