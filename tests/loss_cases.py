@@ -18,6 +18,7 @@ import math
 import torch
 
 import topd_kernels
+from topd_kernels import TopK
 from topd_kernels.reference import window_kl_reference
 
 FP32_RTOL = 2e-5  # float32 accumulation over a vocabulary row
@@ -61,11 +62,43 @@ def make_problem(layout="batched", B=3, T=21, V=1271, dtype=torch.float32, teach
                 vocab_size=V if pad != (0, 0) else None)
 
 
+def make_topk_problem(k, tail="bucket", ids_dtype=torch.int64, logprob_dtype=torch.float32, padding=0.2,
+                      **problem_kwargs):
+    """A problem whose teacher is a TopK: the top-k of the teacher's float64 log-softmax over the first V
+    columns, in shuffled slot order, with about `padding` of the slots turned into padding (-inf, with ids
+    that are garbage: repeated or out of range). Masked rows keep NaN log-probabilities."""
+    problem = make_problem(**problem_kwargs)
+    teacher = problem["teacher"]
+    V = problem["vocab_size"] or teacher.shape[-1]
+    logprobs, ids = torch.log_softmax(teacher[..., :V].double(), -1).topk(k, dim=-1)
+    order = torch.rand(ids.shape).argsort(-1)
+    logprobs, ids = logprobs.gather(-1, order), ids.gather(-1, order)
+    pad = torch.rand(ids.shape) < padding
+    logprobs[pad] = float("-inf")
+    ids[pad] = torch.randint(-5, V + 5, (int(pad.sum()),))
+    problem["teacher"] = TopK(ids.to(ids_dtype), logprobs.to(logprob_dtype), tail)
+    return problem
+
+
+def _clone_teacher(teacher, requires_grad):
+    if isinstance(teacher, TopK):
+        return teacher
+    return teacher.detach().clone().requires_grad_(requires_grad)
+
+
+def _inputs(problem) -> dict:
+    """Every tensor of the problem by name (a TopK's two among them)."""
+    tensors = {k: v for k, v in problem.items() if isinstance(v, torch.Tensor)}
+    if isinstance(problem["teacher"], TopK):
+        tensors.update(teacher_ids=problem["teacher"].token_ids, teacher_logprobs=problem["teacher"].logprobs)
+    return tensors
+
+
 def run_loss(fn, problem, kwargs, teacher_grad, upstream):
     """(loss, stats, gradients) of fn (fused_window_kl's signature) on `problem`: the student's gradient, and the
     teacher's when teacher_grad, for the upstream gradient `upstream` (None: ones)."""
     student = problem["student"].detach().clone().requires_grad_(True)
-    teacher = problem["teacher"].detach().clone().requires_grad_(teacher_grad)
+    teacher = _clone_teacher(problem["teacher"], teacher_grad)
     loss, stats = fn(student, teacher, mask=problem["mask"], cu_seqlens=problem["cu_seqlens"],
                      vocab_size=problem["vocab_size"], return_stats=True, **kwargs)
     grads = torch.autograd.grad(loss, [student, teacher] if teacher_grad else [student],
@@ -78,11 +111,14 @@ def _plain_at_input_dtype(problem, kwargs, ref_stats, teacher_grad, upstream):
     cfg = dict(kwargs)
     V = problem["vocab_size"] or problem["student"].shape[-1]
     student = problem["student"].detach().clone().requires_grad_(True)
-    teacher = problem["teacher"].detach().clone().requires_grad_(teacher_grad)
+    teacher = _clone_teacher(problem["teacher"], teacher_grad)
     valid = problem["mask"]
-    d = topd_kernels.reference.token_divergence(
-        student[valid][:, :V], teacher[valid][:, :V], cfg.get("divergence", "reverse_kl"),
-        cfg.get("beta", 0.5), cfg.get("temperature", 1.0), dtype=None)
+    knobs = (cfg.get("divergence", "reverse_kl"), cfg.get("beta", 0.5), cfg.get("temperature", 1.0))
+    if isinstance(teacher, TopK):
+        valid_teacher = TopK(teacher.token_ids[valid], teacher.logprobs[valid], teacher.tail)
+        d = topd_kernels.reference.topk_divergence(student[valid][:, :V], valid_teacher, *knobs, dtype=None)
+    else:
+        d = topd_kernels.reference.token_divergence(student[valid][:, :V], teacher[valid][:, :V], *knobs, dtype=None)
     weight = ref_stats.weight[valid].to(d.dtype)
     g = upstream[valid].to(d.dtype) if upstream is not None else None  # d: the promoted dtype of the two
     total = (weight * d * g).sum() if g is not None else (weight * d).sum()
@@ -102,7 +138,12 @@ def _divergence_allowance(problem, temperature):
         z = z[..., :V].double().abs()
         return torch.where(torch.isfinite(z), z, torch.zeros_like(z)).amax(-1) / temperature
 
-    size = largest_finite(problem["student"]) + largest_finite(problem["teacher"]) + 2 * math.log(V)
+    teacher = problem["teacher"]
+    if isinstance(teacher, TopK):  # log-probabilities, used as given; the tail sums k of them
+        size = largest_finite(problem["student"]) + largest_finite(teacher.logprobs) * temperature \
+            + 2 * math.log(V) + teacher.k
+    else:
+        size = largest_finite(problem["student"]) + largest_finite(teacher) + 2 * math.log(V)
     return torch.where(problem["mask"], 4 * 2.0 ** -24 * size, torch.zeros_like(size))
 
 
@@ -119,7 +160,7 @@ def _check_close(name, actual, truth, rtol, atol):
 
 def check_backend(backend, problem, teacher_grad=False, **kwargs):
     """Compare `fused_window_kl(backend=...)` with the float64 reference on `problem`."""
-    originals = {k: v.clone() for k, v in problem.items() if isinstance(v, torch.Tensor)}
+    originals = {k: v.clone() for k, v in _inputs(problem).items()}
     upstream = None
     if kwargs.get("reduction") == "none":
         upstream = torch.randn(problem["mask"].shape, dtype=torch.float32, device=problem["mask"].device)
@@ -151,6 +192,7 @@ def check_backend(backend, problem, teacher_grad=False, **kwargs):
             assert err.max().item() <= 2 * plain_err + 1e-6 * scale, (name, err.max().item(), plain_err)
 
     for key, value in originals.items():
-        assert torch.equal(problem[key], value) if not value.is_floating_point() else \
-            torch.equal(problem[key].nan_to_num(), value.nan_to_num()), f"input {key} was modified"
+        now = _inputs(problem)[key]
+        assert torch.equal(now, value) if not value.is_floating_point() else \
+            torch.equal(now.nan_to_num(), value.nan_to_num()), f"input {key} was modified"
     return loss, stats

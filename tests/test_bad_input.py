@@ -93,3 +93,66 @@ def test_unknown_keyword_is_an_error():
 def test_module_validates_at_construction():
     with pytest.raises(ValueError, match="window"):
         topd_kernels.WindowKLLoss(window=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A top-k teacher (SPEC "Bad input", "Input forms")
+# ---------------------------------------------------------------------------------------------------
+IDS = torch.tensor([[[1, 4, 7]] * 4] * 2)  # (2, 4, 3)
+LOGPROBS = torch.log(torch.tensor([[[0.5, 0.2, 0.1]] * 4] * 2))
+
+
+def _with(ids=None, logprobs=None, row=(0, 1), slot=1):
+    """IDS / LOGPROBS with one slot of one row changed."""
+    ids_, logprobs_ = IDS.clone(), LOGPROBS.clone()
+    if ids is not None:
+        ids_[row][slot] = ids
+    if logprobs is not None:
+        logprobs_[row][slot] = logprobs
+    return ids_, logprobs_
+
+
+TOPK_CASES = [
+    # (error, text in the message, call)
+    (TypeError, "TopK can only be the teacher", lambda f: f(topd_kernels.TopK(IDS, LOGPROBS), T)),
+    (TypeError, "token_ids", lambda f: f(S, topd_kernels.TopK(IDS.float(), LOGPROBS))),
+    (TypeError, "logprobs", lambda f: f(S, topd_kernels.TopK(IDS, LOGPROBS.to(torch.int64)))),
+    (ValueError, "one shape", lambda f: f(S, topd_kernels.TopK(IDS[..., :2], LOGPROBS))),
+    (ValueError, "teacher_logits", lambda f: f(S, topd_kernels.TopK(IDS[:, :3], LOGPROBS[:, :3]))),
+    (ValueError, "teacher_logits", lambda f: f(P, topd_kernels.TopK(IDS, LOGPROBS))),
+    (ValueError, "k = 11", lambda f: f(S, topd_kernels.TopK(torch.arange(11).expand(2, 4, 11),
+                                                          torch.full((2, 4, 11), -5.0)))),
+    (ValueError, "k = 3", lambda f: f(S, topd_kernels.TopK(IDS, LOGPROBS), vocab_size=2)),
+    (ValueError, "outside", lambda f: f(S, topd_kernels.TopK(*_with(ids=10)))),
+    (ValueError, "outside", lambda f: f(S, topd_kernels.TopK(*_with(ids=-1)))),
+    (ValueError, "outside", lambda f: f(S, topd_kernels.TopK(*_with(ids=8)), vocab_size=8)),
+    (ValueError, "repeated", lambda f: f(S, topd_kernels.TopK(*_with(ids=7)))),
+    (ValueError, "sum to", lambda f: f(S, topd_kernels.TopK(*_with(logprobs=-0.5)))),
+    (ValueError, "tail", lambda f: f(S, topd_kernels.TopK(IDS, LOGPROBS, tail="drop"))),
+    (ValueError, "require grad", lambda f: f(S, topd_kernels.TopK(IDS, LOGPROBS.clone().requires_grad_(True)))),
+    (ValueError, "k \\(the last dim\\)", lambda f: f(S, topd_kernels.TopK(IDS[..., :0], LOGPROBS[..., :0]))),
+]
+
+
+@pytest.mark.parametrize("fn", [fused_window_kl, window_kl_reference], ids=["fused", "reference"])
+@pytest.mark.parametrize("error,text,call", TOPK_CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(TOPK_CASES)])
+def test_bad_topk_teacher(fn, error, text, call):
+    with pytest.raises(error, match=text):
+        call(fn)
+
+
+def test_topk_padding_slots_are_not_checked():
+    """A padding slot (-inf) may repeat an id or hold one out of range; probabilities up to 1 + 1e-3 pass."""
+    ids, logprobs = _with(ids=99, logprobs=float("-inf"))
+    ids[0, 2, 2], logprobs[0, 2, 2] = 1, float("-inf")
+    fused_window_kl(S, topd_kernels.TopK(ids, logprobs))
+    almost = torch.log(torch.tensor([0.6, 0.3, 0.1005])).expand(2, 4, 3)
+    fused_window_kl(S, topd_kernels.TopK(IDS, almost))
+
+
+def test_topk_with_vocabulary_parallel_group_is_an_error(monkeypatch):
+    from topd_kernels.rows import vocab_parallel
+
+    monkeypatch.setattr(vocab_parallel, "group_size", lambda group: 2)
+    with pytest.raises(ValueError, match="vocab_parallel_group"):
+        fused_window_kl(S, topd_kernels.TopK(IDS, LOGPROBS), vocab_parallel_group=object())

@@ -12,7 +12,7 @@ import torch
 import topd_kernels
 from common import BACKENDS, BETA, DIVERGENCES, TOPD
 from topd_kernels.rows import registry, torch_rows
-from topd_kernels.rows.contract import RowOps, make_row_call
+from topd_kernels.rows.contract import RowOps, make_row_call, make_topk_call
 
 
 def extension_ops():
@@ -27,7 +27,8 @@ def extension_ops():
 @pytest.fixture
 def torch_cuda_backend(monkeypatch):
     """Registers "torch+cuda" (extension_ops) in the registry for the duration of a test."""
-    backend = registry.Backend("torch+cuda", extension_ops, lambda: ("cpu", "cuda"))
+    backend = registry.Backend("torch+cuda", lambda: {"logits": extension_ops(), "topk": torch_rows.TOPK_OPS},
+                               lambda: ("cpu", "cuda"))
     monkeypatch.setitem(registry.BACKENDS, "torch+cuda", backend)
     return "torch+cuda"
 
@@ -77,6 +78,41 @@ def test_sliced_view_compiles(seed):
     fn = torch.compile(lambda s: topd_kernels.fused_window_kl(s[:, :-1], teacher, backend="torch", **TOPD),
                        fullgraph=True, backend="aot_eager")
     assert torch.equal(fn(base), topd_kernels.fused_window_kl(base[:, :-1], teacher, backend="torch", **TOPD))
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+def test_topk_teacher_compiles(seed, tail, layout):
+    """A TopK teacher: its value checks become device-side assertions under the compiler, no graph break."""
+    torch._dynamo.reset()
+    student, teacher, mask, cu_seqlens = problem(layout)
+    logprobs, ids = torch.log_softmax(teacher.detach(), -1).topk(5, dim=-1)
+
+    def loss_fn(s, ids, logprobs, m, cu):
+        return topd_kernels.fused_window_kl(s, topd_kernels.TopK(ids, logprobs, tail), mask=m, cu_seqlens=cu,
+                                            backend="torch", **TOPD)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(student, ids, logprobs, mask, cu_seqlens)
+    (grad,) = torch.autograd.grad(loss, student)
+    eager = loss_fn(student, ids, logprobs, mask, cu_seqlens)
+    (eager_grad,) = torch.autograd.grad(eager, student)
+    assert torch.equal(loss, eager) and torch.equal(grad, eager_grad)
+
+
+@pytest.mark.parametrize("tail", [0, 1])
+def test_opcheck_torch_topk_ops(seed, tail):
+    base = torch.randn(3, 9, 41)
+    student = base[:, 1:-1, :37]
+    logprobs, ids = torch.log_softmax(torch.randn(3, 7, 37), -1).topk(4, dim=-1)
+    mask = torch.rand(21) > 0.3
+    call = make_topk_call(student, logprobs, ids, 37, 0.7, 2, BETA, tail)
+    stats = torch_rows.topk_forward(student, logprobs, ids, mask, call)
+    coef = torch.where(mask, torch.rand(21), torch.zeros(21))
+    grad_student = torch.empty(3, 8, 38)[:, :-1, :37]
+    torch.library.opcheck(torch.ops.topd.torch_topk_forward, (student, logprobs, ids, mask, *call))
+    torch.library.opcheck(torch.ops.topd.torch_topk_backward,
+                          (student, logprobs, ids, stats, coef, *call, grad_student))
 
 
 def row_op_args(V=37, want_teacher=True):

@@ -8,6 +8,8 @@ from . import reference
 from .config import LossConfig, Quantile, WindowKLStats
 from .forms import TopK
 from .functional import WindowKLLoss, fused_window_kl
+from .layout import cu_seqlens_from_position_ids
 
-__all__ = ["fused_window_kl", "WindowKLLoss", "TopK", "LossConfig", "Quantile", "WindowKLStats", "reference"]
+__all__ = ["fused_window_kl", "WindowKLLoss", "TopK", "cu_seqlens_from_position_ids", "LossConfig", "Quantile",
+           "WindowKLStats", "reference"]
 __version__ = "0.1.0"

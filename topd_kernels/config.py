@@ -63,6 +63,28 @@ def _number(name: str, value, *, integer: bool = False):
     return value
 
 
+def value_check(ok: torch.Tensor, message: str) -> None:
+    """A check of tensor values (SPEC "Bad input"): a ValueError(message) when `ok` is False, read on the CPU; on
+    an accelerator, or while compiling, a device-side assertion instead, so the hot path never synchronises."""
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
+
+
+def _num_items(value):
+    """A positive number, or a 0-d tensor (its value is checked where it is used, on its device)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"num_items: expected a number or a 0-d real tensor, got {value.dtype} "
+                            f"{tuple(value.shape)}")
+        return value
+    if _number("num_items", value) <= 0:
+        raise ValueError(f"num_items: must be > 0, got {value}")
+    return value
+
+
 def _threshold(name: str, value) -> Threshold:
     if value is None or isinstance(value, Quantile):
         return value
@@ -83,7 +105,8 @@ class LossConfig:
     suppress_weight  rho in [0, 1]: the weight of a high-loss position that is not divergent
     guidance_weight  lambda >= 0: extra weight spread forward from each divergent position
     reduction        "mean" | "sum" | "batchmean" | "none"
-    num_items        divides "mean" / "batchmean" instead of the valid count (gradient accumulation)
+    num_items        divides "mean" / "batchmean" instead of the valid count (gradient accumulation): a
+                     positive number or a 0-d tensor (read on the device: no host synchronisation)
     vocab_size       use only the first vocab_size logits of each row (both models)
 
     Constructing one validates it: a ValueError / TypeError naming the argument.
@@ -99,7 +122,7 @@ class LossConfig:
     suppress_weight: float = 0.0
     guidance_weight: float = 0.0
     reduction: str = "mean"
-    num_items: Optional[float] = None
+    num_items: Union[None, float, torch.Tensor] = None
     vocab_size: Optional[int] = None
 
     def __post_init__(self):
@@ -123,8 +146,7 @@ class LossConfig:
         if self.num_items is not None:
             if self.reduction not in ("mean", "batchmean"):
                 raise ValueError(f"num_items: only with reduction 'mean' or 'batchmean', not {self.reduction!r}")
-            if _number("num_items", self.num_items) <= 0:
-                raise ValueError(f"num_items: must be > 0, got {self.num_items}")
+            _num_items(self.num_items)
         if self.vocab_size is not None and _number("vocab_size", self.vocab_size, integer=True) < 1:
             raise ValueError(f"vocab_size: must be >= 1, got {self.vocab_size}")
         for name in ("loss_threshold", "div_threshold"):

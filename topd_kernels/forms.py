@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TAIL_CODES
+from .config import TAIL_CODES, value_check
 
 PROBABILITY_SLACK = 1e-3  # SPEC: a row's non-padding probabilities may sum to at most 1 + 1e-3
 
@@ -81,19 +81,9 @@ def check_topk_values(topk: TopK, vocab_size: int) -> None:
     slots = torch.arange(topk.k, device=ids.device, dtype=torch.int64)
     ordered = torch.sort(torch.where(live, ids.to(torch.int64), -1 - slots), dim=-1).values
     distinct = (ordered[:, 1:] != ordered[:, :-1]).all(-1)
-    mass = torch.where(live, logprobs.to(torch.float64).exp(), 0.0).sum(-1)
-    at_most_one = mass <= 1 + PROBABILITY_SLACK
-    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(in_range.all()):
-            row = int((~in_range).any(-1).nonzero()[0])
-            raise ValueError(f"TopK: token_ids outside [0, {vocab_size}) at row {row}")
-        if not bool(distinct.all()):
-            row = int((~distinct).nonzero()[0])
-            raise ValueError(f"TopK: token_ids repeated among the non-padding slots of row {row}")
-        if not bool(at_most_one.all()):
-            row = int((~at_most_one).nonzero()[0])
-            raise ValueError(f"TopK: the probabilities of row {row} sum to {float(mass[row]):.6f} > 1 + "
-                             f"{PROBABILITY_SLACK} (logprobs must be log-probabilities over the whole vocabulary)")
-    else:
-        torch._assert_async(in_range.all() & distinct.all() & at_most_one.all(),
-                            "TopK: token_ids outside [0, V) or repeated, or probabilities summing above 1 + 1e-3")
+    mass = torch.where(live, logprobs.to(torch.float32).exp(), 0.0).sum(-1)
+    value_check(in_range.all(), f"TopK: token_ids outside [0, {vocab_size}) at a non-padding slot")
+    value_check(distinct.all(), "TopK: token_ids repeated among the non-padding slots of a position")
+    value_check((mass <= 1 + PROBABILITY_SLACK).all(),
+                f"TopK: the probabilities of a position sum to more than 1 + {PROBABILITY_SLACK} (logprobs must be "
+                f"log-probabilities over the teacher's whole vocabulary)")

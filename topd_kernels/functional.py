@@ -11,11 +11,12 @@ With `vocab_parallel_group` the row ops run on this rank's columns and the group
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
-from .config import LossConfig, WindowKLStats, config_signature, split_config
+from .config import LossConfig, WindowKLStats, config_signature, split_config, value_check
 from .layout import flatten_inputs
 from .rows import vocab_parallel
 from .forms import TopK
@@ -25,9 +26,14 @@ from .window import window_step
 
 
 def _denominator(cfg: LossConfig, mask: torch.Tensor, num_seqs: int):
-    """What the summed loss is divided by, or None (for "sum" and "none")."""
+    """What the summed loss is divided by: None (for "sum" and "none"), a number, or a 0-d float32 tensor on the
+    mask's device (the valid count, or a num_items tensor, checked there to be > 0 without a host synchronisation)."""
     if cfg.reduction in ("sum", "none"):
         return None
+    if isinstance(cfg.num_items, torch.Tensor):
+        num_items = cfg.num_items.to(device=mask.device, dtype=torch.float32)
+        value_check(num_items > 0, "num_items: must be > 0")
+        return num_items
     if cfg.num_items is not None:
         return float(cfg.num_items)
     if cfg.reduction == "batchmean":
@@ -75,13 +81,12 @@ class _WindowKLFunction(torch.autograd.Function):
     row ops (RowOps / TopKOps) take the teacher's tensors in that order."""
 
     @staticmethod
-    def forward(ctx, student, teacher, geometries, mask, seq_id, num_seqs, cfg: LossConfig, call, ops,
+    def forward(ctx, student, teacher, geometries, mask, seq_id, denominator, cfg: LossConfig, call, ops,
                 *teacher_extra):
         student_rows, teacher_rows = _rows_of(student, geometries[0]), _rows_of(teacher, geometries[1])
         stats = ops.forward(student_rows, teacher_rows, *teacher_extra, mask, call)
         step = window_step(stats[Stat.KL], mask, seq_id, cfg)
         loss = step.weight * step.kl
-        denominator = _denominator(cfg, mask, num_seqs)
         if cfg.reduction != "none":
             loss = loss.sum()
             if denominator is not None:
@@ -106,8 +111,8 @@ class _WindowKLFunction(torch.autograd.Function):
 
 
 @config_signature
-def fused_window_kl(student_logits, teacher_logits, *, mask=None, cu_seqlens=None, return_stats=False,
-                    backend="auto", vocab_parallel_group=None, **config):
+def fused_window_kl(student_logits, teacher_logits, *, mask=None, labels=None, ignore_index=-100, cu_seqlens=None,
+                    return_stats=False, backend="auto", vocab_parallel_group=None, **config):
     """The trajectory-aware on-policy distillation loss (semantics: docs/SPEC.md, `reference.py`).
 
     Args:
@@ -116,8 +121,12 @@ def fused_window_kl(student_logits, teacher_logits, *, mask=None, cu_seqlens=Non
         teacher_logits: (B, T, Vt) or (N, Vt); may differ in dtype; gets a gradient if it requires one.
             Or a `topd_kernels.TopK` (token ids and log-probabilities, (B, T, k) or (N, k)): a teacher
             given by its top-k log-probabilities (SPEC "Top-k teacher").
-        mask: bool (B, T) or (N,); None = all valid. Invalid rows are not read.
-        cu_seqlens: int (S + 1,) sequence boundaries [0, ..., N], packed layout only.
+        mask: bool or integer 0/1 (B, T) or (N,) (nonzero = valid); None = all valid. Invalid rows are not read.
+        labels: instead of mask, the token ids (B, T) or (N,) as a causal LM sees them, with ignore_index: the
+            logits at position t predict labels[t + 1], so t counts when labels[t + 1] != ignore_index within
+            its sequence; each sequence's last position never counts. Pass the unshifted logits.
+        cu_seqlens: int (S + 1,) sequence boundaries [0, ..., N] (a tensor, list or tuple), packed layout only:
+            (N, V) or (1, N, V) logits (`cu_seqlens_from_position_ids` makes it from HF position_ids).
         return_stats: also return a WindowKLStats.
         backend: "auto" | "torch" | "triton" | "triton+cuda" (`topd_kernels.rows.registry`).
         vocab_parallel_group: None, or a torch.distributed process group of P ranks across which the
@@ -144,7 +153,8 @@ def fused_window_kl(student_logits, teacher_logits, *, mask=None, cu_seqlens=Non
     if unknown:
         raise TypeError(f"fused_window_kl: unexpected keyword argument(s) {sorted(unknown)}")
     rows = flatten_inputs(student_logits, teacher_logits, mask, cu_seqlens, cfg,
-                          vocab_shards=vocab_parallel.group_size(vocab_parallel_group))
+                          vocab_shards=vocab_parallel.group_size(vocab_parallel_group), labels=labels,
+                          ignore_index=ignore_index)
     (student, geometry_s) = _autograd_source(rows.student)
     if isinstance(rows.teacher, TopK):
         topk = rows.teacher
@@ -158,8 +168,11 @@ def fused_window_kl(student_logits, teacher_logits, *, mask=None, cu_seqlens=Non
             ops, vocab = vocab_parallel.on_shard(ops, vocab_parallel_group, rows.student, rows.teacher, vocab)
         call = make_row_call(rows.student, rows.teacher, vocab, cfg.temperature, cfg.divergence_code, cfg.beta)
         (teacher, geometry_t), teacher_extra = _autograd_source(rows.teacher), ()
+    # The Function gets the denominator itself and the knobs without num_items (which may be a tensor).
+    denominator = _denominator(cfg, rows.mask, rows.num_seqs)
+    cfg = dataclasses.replace(cfg, num_items=None)
     loss, *step = _WindowKLFunction.apply(student, teacher, (geometry_s, geometry_t), rows.mask, rows.seq_id,
-                                          rows.num_seqs, cfg, call, ops, *teacher_extra)
+                                          denominator, cfg, call, ops, *teacher_extra)
     if cfg.reduction == "none":
         loss = loss.reshape(rows.shape)
     if not return_stats:
@@ -170,8 +183,9 @@ def fused_window_kl(student_logits, teacher_logits, *, mask=None, cu_seqlens=Non
 class WindowKLLoss(torch.nn.Module):
     """nn.Module form of `fused_window_kl`, holding its knobs (validated once, at construction).
 
-    forward(student_logits (B, T, Vs) | (N, Vs), teacher_logits, mask=None, cu_seqlens=None)
-    returns what `fused_window_kl` returns with this configuration.
+    forward(student_logits (B, T, Vs) | (N, Vs), teacher_logits, mask=None, cu_seqlens=None, labels=None,
+    num_items=None) returns what `fused_window_kl` returns with this configuration (num_items given per call
+    overrides the configured one: the count of a gradient-accumulation step).
     """
 
     def __init__(self, *, return_stats: bool = False, backend: str = "auto", vocab_parallel_group=None, **config):
@@ -182,8 +196,10 @@ class WindowKLLoss(torch.nn.Module):
         self.config = dict(config, return_stats=return_stats, backend=backend,
                            vocab_parallel_group=vocab_parallel_group)
 
-    def forward(self, student_logits, teacher_logits, mask=None, cu_seqlens=None):
-        return fused_window_kl(student_logits, teacher_logits, mask=mask, cu_seqlens=cu_seqlens, **self.config)
+    def forward(self, student_logits, teacher_logits, mask=None, cu_seqlens=None, labels=None, num_items=None):
+        config = self.config if num_items is None else dict(self.config, num_items=num_items)
+        return fused_window_kl(student_logits, teacher_logits, mask=mask, cu_seqlens=cu_seqlens, labels=labels,
+                               **config)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.config.items())

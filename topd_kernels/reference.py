@@ -77,8 +77,8 @@ def _threshold_value(threshold, values, valid):
 
 
 @config_signature
-def window_kl_reference(student_logits, teacher_logits, *, mask=None, cu_seqlens=None, return_stats=False,
-                        backend="reference", **config):
+def window_kl_reference(student_logits, teacher_logits, *, mask=None, labels=None, ignore_index=-100,
+                        cu_seqlens=None, return_stats=False, backend="reference", **config):
     """`fused_window_kl` in float64, written plainly. Same arguments; `backend` is ignored.
 
     student_logits, teacher_logits: (B, T, Vs), (B, T, Vt) or (N, Vs), (N, Vt).
@@ -88,7 +88,8 @@ def window_kl_reference(student_logits, teacher_logits, *, mask=None, cu_seqlens
     cfg, unknown = split_config(config)
     if unknown:
         raise TypeError(f"window_kl_reference: unexpected keyword argument(s) {sorted(unknown)}")
-    rows = flatten_inputs(student_logits, teacher_logits, mask, cu_seqlens, cfg, dtypes=_REFERENCE_DTYPES)
+    rows = flatten_inputs(student_logits, teacher_logits, mask, cu_seqlens, cfg, dtypes=_REFERENCE_DTYPES,
+                          labels=labels, ignore_index=ignore_index)
     n, k, V = rows.mask.numel(), cfg.window, rows.vocab_size
     valid = rows.mask.cpu()
     seq = rows.seq_id.cpu().tolist()
@@ -147,9 +148,9 @@ def window_kl_reference(student_logits, teacher_logits, *, mask=None, cu_seqlens
     elif cfg.reduction == "sum":
         loss = loss_tok.sum()
     elif cfg.reduction == "mean":
-        loss = loss_tok.sum() / (cfg.num_items if cfg.num_items is not None else max(float(m.sum()), 1.0))
+        loss = loss_tok.sum() / (float(cfg.num_items) if cfg.num_items is not None else max(float(m.sum()), 1.0))
     else:
-        loss = loss_tok.sum() / (cfg.num_items if cfg.num_items is not None else rows.num_seqs)
+        loss = loss_tok.sum() / (float(cfg.num_items) if cfg.num_items is not None else rows.num_seqs)
     if not return_stats:
         return loss
     dev = rows.student.device

@@ -2,6 +2,7 @@
 
     topd-train --method topd --steps 150 --seed 0 --out runs/topd
     topd-train --compare --seeds 0,1 --out runs/demo      # every method, every seed, then a table
+    topd-train --compare --teacher-topk 4 --out runs/topk4  # the teacher's top-4 log-probabilities only
 
 Writes DIR/log.json (configs, per-step records, evaluations, final table) and DIR/accuracy.png.
 """
@@ -22,8 +23,8 @@ from .loop import DistillConfig, distill
 from .methods import METHODS, MethodSettings
 from .plot import plot_accuracy
 from .student import StudentConfig, make_student
-from .task import SEPARATOR_STYLES, ArithmeticTask, TaskConfig
-from .teacher import TeacherConfig, default_cache_dir, load_or_train_teacher
+from .task import SEPARATOR_STYLES, VOCAB_SIZE, ArithmeticTask, TaskConfig
+from .teacher import TOPK_TAILS, TeacherConfig, default_cache_dir, load_or_train_teacher
 
 
 def _positive_int(text: str) -> int:
@@ -114,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weight of suppressed (high-loss, non-divergent) tokens")
     dist.add_argument("--guidance-weight", type=float, default=MethodSettings.guidance_weight,
                       help="TOPD guidance spread from divergent tokens")
+    dist.add_argument("--teacher-topk", type=_positive_int, default=DistillConfig.teacher_topk, metavar="K",
+                      help="score rollouts with the teacher's top-K log-probabilities only, as an inference "
+                      f"server returns them (a topd_kernels.TopK teacher; K <= {VOCAB_SIZE}, the vocabulary); "
+                      "default: its full logits")
+    dist.add_argument("--teacher-topk-tail", choices=TOPK_TAILS, default=DistillConfig.teacher_topk_tail,
+                      help="TopK tail with --teacher-topk: bucket (the remaining mass of each side is one more "
+                      "category) or renormalize (the K ids only, each side renormalised)")
 
     models = parser.add_argument_group("task and models")
     models.add_argument("--n-ops", type=_positive_int, default=TaskConfig.n_ops, help="operations per problem")
@@ -150,7 +158,10 @@ def configs_from_args(args: argparse.Namespace):
     """(TaskConfig, TeacherConfig, StudentConfig, DistillConfig) from parsed args; ValueError if bad."""
     settings = MethodSettings(args.window, args.gamma, args.loss_threshold, args.div_threshold,
                               args.suppress_weight, args.guidance_weight)
-    distill_config = DistillConfig(args.steps, args.batch_size, args.lr, args.temperature, args.eval_every, settings)
+    if args.teacher_topk is not None and args.teacher_topk > VOCAB_SIZE:
+        raise ValueError(f"--teacher-topk: must be <= {VOCAB_SIZE} (the vocabulary size), got {args.teacher_topk}")
+    distill_config = DistillConfig(args.steps, args.batch_size, args.lr, args.temperature, args.eval_every, settings,
+                                   args.teacher_topk, args.teacher_topk_tail)
     task_config = TaskConfig(n_ops=args.n_ops, test_size=args.test_size)
     teacher_config = TeacherConfig(d_model=args.teacher_d_model, n_layers=args.teacher_layers,
                                    max_steps=args.teacher_steps, separator_style=args.teacher_style)
@@ -159,8 +170,17 @@ def configs_from_args(args: argparse.Namespace):
     return task_config, teacher_config, student_config, distill_config
 
 
-def format_table(runs: list[dict], start_accuracy: dict[int, float], teacher_accuracy: float) -> str:
-    """Held-out accuracy per method (rows) and seed (columns), with the mean and the starting points."""
+def teacher_scores_label(config: DistillConfig) -> str:
+    """What the loss sees of the teacher, in words."""
+    if config.teacher_topk is None:
+        return "full logits"
+    return f"top-{config.teacher_topk} log-probabilities, tail {config.teacher_topk_tail} (TopK)"
+
+
+def format_table(runs: list[dict], start_accuracy: dict[int, float], teacher_accuracy: float,
+                 teacher_scores: str | None = None) -> str:
+    """Held-out accuracy per method (rows) and seed (columns), with the mean and the starting points;
+    `teacher_scores`, when given, says what the loss saw of the teacher."""
     seeds = sorted({run["seed"] for run in runs})
     methods = list(dict.fromkeys(run["method"] for run in runs))
     final = {(run["method"], run["seed"]): run["final_accuracy"] for run in runs}
@@ -173,6 +193,8 @@ def format_table(runs: list[dict], start_accuracy: dict[int, float], teacher_acc
         row = [final[(method, s)] for s in seeds]
         lines.append(f"{method:<14}" + "".join(f"{a:>9.3f}" for a in row) + f"{sum(row) / len(row):>9.3f}")
     lines.append(f"teacher: {teacher_accuracy:.3f} held-out accuracy (greedy, exact final answer)")
+    if teacher_scores is not None:
+        lines.append(f"teacher scores seen by the loss: {teacher_scores}")
     return "\n".join(lines)
 
 
@@ -200,7 +222,7 @@ def run(args: argparse.Namespace, configs: tuple, device: torch.device) -> dict:
             start_accuracy[seed] = result["evals"][0]["accuracy"]
             runs.append(result)
 
-    table = format_table(runs, start_accuracy, teacher_info["test_accuracy"])
+    table = format_table(runs, start_accuracy, teacher_info["test_accuracy"], teacher_scores_label(distill_config))
     log = {
         "task": task_config.to_dict(),
         "teacher": {**teacher_config.__dict__, **teacher_info},
@@ -208,6 +230,7 @@ def run(args: argparse.Namespace, configs: tuple, device: torch.device) -> dict:
         "distill": distill_config.to_dict(),
         "device": str(device),
         "backend": args.backend,
+        "teacher_scores": teacher_scores_label(distill_config),
         "runs": runs,
         "table": table,
         "seconds": time.perf_counter() - started,

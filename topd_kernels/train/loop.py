@@ -1,9 +1,15 @@
-"""The on-policy distillation loop: sample, score with the teacher, `fused_window_kl`, optimiser step."""
+"""The on-policy distillation loop: sample, score with the teacher, `fused_window_kl`, optimiser step.
+
+The teacher scores each rollout with its full logits, or (`DistillConfig.teacher_topk`) with its top-k
+log-probabilities only, as an inference server returns them: both the divergence test and the loss then
+see a `topd_kernels.TopK` teacher (`teacher.score_rollouts`).
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 import random
 import time
+from typing import Optional
 
 import torch
 
@@ -14,6 +20,7 @@ from .methods import MethodSettings, detection_kwargs, loss_kwargs, masked_mean,
 from .progress import Progress
 from .rollout import sample_rollouts, teacher_rewrite
 from .task import ArithmeticTask
+from .teacher import TOPK_TAILS, score_rollouts
 
 
 @dataclass(frozen=True)
@@ -26,11 +33,17 @@ class DistillConfig:
     sample_temperature: float = 1.0
     eval_every: int = 50
     settings: MethodSettings = field(default_factory=MethodSettings)
+    teacher_topk: Optional[int] = None  # None: the teacher's full logits; K: its top-K log-probabilities only
+    teacher_topk_tail: str = "bucket"   # the TopK tail with teacher_topk: "bucket" or "renormalize"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.teacher_topk is not None and (isinstance(self.teacher_topk, bool) or self.teacher_topk < 1):
+            raise ValueError(f"teacher_topk must be None or >= 1, got {self.teacher_topk}")
+        if self.teacher_topk_tail not in TOPK_TAILS:
+            raise ValueError(f"teacher_topk_tail must be one of {TOPK_TAILS}, got {self.teacher_topk_tail!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.sample_temperature <= 0:
@@ -55,30 +68,35 @@ def distill_step(
     """One on-policy step on a fresh batch of problems; returns its log record.
 
     Shapes: rollouts (B, L); logits (B, L - 1, V) where position t predicts token t + 1; the loss mask
-    (B, L - 1) marks the positions that predict a response token.
+    (B, L - 1) marks the positions that predict a response token. With `config.teacher_topk` K the
+    teacher's side is a TopK of (B, L - 1, K) tensors instead of its logits, for the test and the loss.
     """
     problems = task.sample_problems(config.batch_size, rng)
     prompts = task.encode_prompts(problems).to(device)
     tokens, response_mask = sample_rollouts(student, prompts, task.config.seq_len, config.sample_temperature, generator)
     rollout_correct = task.score(problems, tokens.cpu()).float().mean().item()
 
+    def score(rollouts):
+        return score_rollouts(teacher, rollouts, config.teacher_topk, config.teacher_topk_tail)
+
     with torch.no_grad():
         student.eval()
-        teacher_logits = teacher(tokens[:, :-1])
+        teacher_scores = score(tokens)
         student_logits = student(tokens[:, :-1])
         rollout_mask = response_mask[:, 1:]
         _, detection = fused_window_kl(
-            student_logits, teacher_logits, mask=rollout_mask, return_stats=True, backend=backend,
+            student_logits, teacher_scores, mask=rollout_mask, return_stats=True, backend=backend,
             **detection_kwargs(config.settings),
         )
         if rewrites_rollouts(method):
+            # the teacher decodes the rewrite itself (greedy: its top-1, which a top-k server returns too)
             tokens, response_mask = teacher_rewrite(teacher, tokens, response_mask, detection.divergent)
-            teacher_logits = teacher(tokens[:, :-1])
+            teacher_scores = score(tokens)
 
     student.train()
     loss_mask = response_mask[:, 1:]
     loss, stats = fused_window_kl(
-        student(tokens[:, :-1]), teacher_logits, mask=loss_mask, return_stats=True, backend=backend,
+        student(tokens[:, :-1]), teacher_scores, mask=loss_mask, return_stats=True, backend=backend,
         **loss_kwargs(method, config.settings),
     )
     optimizer.zero_grad(set_to_none=True)

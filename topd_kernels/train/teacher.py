@@ -1,4 +1,6 @@
-"""The teacher: trained by supervised learning until accurate, cached on disk keyed by its whole config."""
+"""The teacher: trained by supervised learning until accurate, cached on disk keyed by its whole config;
+and what the distillation loop receives from it per rollout (`score_rollouts`): its logits, or, as an
+inference server returns them, its top-k log-probabilities (`topd_kernels.TopK`)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -10,6 +12,9 @@ import random
 
 import torch
 
+from topd_kernels import TopK
+from topd_kernels.config import TAIL_CODES
+
 from .evaluate import accuracy
 from .model import DecoderLM, ModelConfig, build_model
 from .progress import Progress
@@ -17,6 +22,7 @@ from .supervised import train_supervised
 from .task import VOCAB_SIZE, ArithmeticTask
 
 CACHE_FORMAT = 1
+TOPK_TAILS = tuple(TAIL_CODES)  # the tails a top-k teacher may have (TopK's `tail`)
 
 
 def default_cache_dir() -> Path:
@@ -111,3 +117,28 @@ def load_or_train_teacher(
         info = dict(info, cached=False)
     model.eval().requires_grad_(False)
     return model, dict(info, path=str(path))
+
+
+def top_k_scores(logits: torch.Tensor, k: int, tail: str = "bucket") -> TopK:
+    """The teacher's scores of positions as an inference server returns them: its log-softmax (float32, over
+    its whole vocabulary, temperature 1) at its k most likely ids, as int32 ids and float32 log-probabilities.
+
+    logits (..., V) -> TopK with tensors (..., k). ValueError unless 1 <= k <= V or if `tail` is unknown.
+    """
+    vocab = logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"teacher top-k: k must be in [1, {vocab}] (the vocabulary size), got {k}")
+    if tail not in TOPK_TAILS:
+        raise ValueError(f"teacher top-k: tail must be one of {TOPK_TAILS}, got {tail!r}")
+    logprobs, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    return TopK(ids.to(torch.int32), logprobs, tail=tail)
+
+
+@torch.no_grad()
+def score_rollouts(teacher: torch.nn.Module, tokens: torch.Tensor, top_k: int | None = None,
+                   tail: str = "bucket") -> torch.Tensor | TopK:
+    """What the loss gets from the teacher for rollouts `tokens` (B, L): its logits (B, L - 1, V) at the
+    positions that predict tokens 1..L-1 (top_k None), or their top-`top_k` log-probabilities
+    (`top_k_scores`: a TopK of (B, L - 1, top_k) tensors with `tail`)."""
+    logits = teacher(tokens[:, :-1])
+    return logits if top_k is None else top_k_scores(logits, top_k, tail)
