@@ -28,16 +28,29 @@ REDUCTIONS = ("mean", "sum", "batchmean", "none")
 
 @dataclass(frozen=True)
 class Quantile:
-    """A threshold given as the q-quantile (linear interpolation, as `torch.quantile`) of the
-    thresholded quantity over the valid positions of the call."""
+    """A threshold given as the q-quantile (linear interpolation, as `torch.quantile`) of the thresholded
+    quantity over the valid positions of the call; with a `torch.distributed` process group `group`, over the
+    valid positions of this call on every rank of the group (every rank then uses the same threshold).
+
+    The quantile is per call: gradient-accumulation micro-batches each take their own (a group makes ranks
+    agree, not micro-batches)."""
 
     q: float
+    group: object = None
 
     def __post_init__(self):
         if isinstance(self.q, bool) or not isinstance(self.q, (int, float)):
             raise TypeError(f"Quantile: q must be a number in [0, 1], got {type(self.q).__name__}")
         if not 0.0 <= float(self.q) <= 1.0:
             raise ValueError(f"Quantile: q must be in [0, 1], got {self.q}")
+        if self.group is not None:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("Quantile: group given while torch.distributed is not initialised")
+            if not isinstance(self.group, dist.ProcessGroup):
+                raise TypeError(f"Quantile: group must be a torch.distributed process group, got "
+                                f"{type(self.group).__name__}")
 
 
 Threshold = Union[None, float, Quantile]

@@ -70,6 +70,10 @@ def _threshold_value(threshold, values, valid):
         return None
     if isinstance(threshold, Quantile):
         chosen = values[valid]
+        if threshold.group is not None:  # every rank's valid values
+            gathered = [None] * torch.distributed.get_world_size(threshold.group)
+            torch.distributed.all_gather_object(gathered, chosen, group=threshold.group)
+            chosen = torch.cat(gathered)
         if chosen.numel() == 0:
             return None
         return torch.quantile(chosen, threshold.q).item()
