@@ -71,6 +71,12 @@ MIN_BLOCK_K = 16
 # written as coef / tau * dd/da (dd/dz = dd/da / tau), zeros past V, exact zeros on rows with coef == 0
 # (which read nothing). The dense pass stores every column first; after a barrier (the dense stores of all
 # threads of the program ordered before it) a masked scatter stores the slots' full values at their ids.
+#
+# Precision: contract.py's note (the tail mass 1 - sum_S P_j errs by a few u (k + LOGSUM_S) absolute). That
+# error is amplified by |dd/dP_tail|: moderate for reverse_kl and jsd, but Q_tail / P_tail for forward_kl, whose
+# g_tail = -Q_tail / P_tail also makes -P_j G and -P_j g_tail cancel at the slots; when the student holds all
+# but float32 noise on the slots, that noise decides whether the floor is active (tests/test_triton_topk.py,
+# test_forward_kl_tail_noise). The torch path shares all of it (same arithmetic).
 @triton.jit
 def _load_slots(p_s_row, p_lq_row, p_id_row, stride_lq_k, stride_id_k, num_slots, b_read, BLOCK_K: tl.constexpr):
     """The k slots of one row (BLOCK_K lanes): (log q float32, -inf on padding and unused lanes; live mask;
@@ -78,6 +84,8 @@ def _load_slots(p_s_row, p_lq_row, p_id_row, stride_lq_k, stride_id_k, num_slots
     nothing is read (every slot padding)."""
     neg_inf = float("-inf")
     o_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    # (not (o_k < num_slots) & b_read: the interpreter turns a block mask & a scalar bool into uint8, which
+    # tl.load refuses as a mask)
     m_slot = o_k < tl.where(b_read, num_slots, 0)
     b_lq = tl.load(p_lq_row + o_k * stride_lq_k, mask=m_slot, other=neg_inf).to(tl.float32)
     m_live = b_lq > neg_inf  # a NaN log-probability counts as padding, as in torch_rows
@@ -256,7 +264,7 @@ def _topk_backward_kernel(
     p_student,  # *fp32/bf16/fp16: student logits (B, T, Vs); row (b, t) at b * stride_student_b + t * stride_student_t
     p_logprobs,  # *float: teacher log-probabilities (B, T, k); slot (b, t, j) at b * s_b + t * s_t + j * s_k
     p_ids,  # *i32/i64: teacher token ids (B, T, k), read only where the log-probability is > -inf
-    p_stats,  # *fp32 (NUM_STATS, N) from topk_forward (contract.Stat); (k, i) at k * stride_stats_k + i * stride_stats_n
+    p_stats,  # *fp32 (NUM_STATS, N) from topk_forward (contract.Stat); (k, i) at k * stride_k + i * stride_n
     p_coef,  # *fp32 (N,): per-row multiplier; entry i at i * stride_coef
     p_grad_student,  # *dtype of student: (B, T, Vs) output; row (b, t) at b * stride_gs_b + t * stride_gs_t
     stride_student_b,  # int: elements between consecutive batch entries of the student
