@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh clone:
 #   make test   creates .venv (CPU torch), installs the package with its test extras, runs the whole suite
-#   make demo   the same set-up, then the reference distillation run (OPD vs TOPD vs TRD) on the CPU
+#   make demo   the same set-up (the test extra and the train extra: matplotlib for the plot), then the reference
+#               distillation run (OPD vs TOPD vs TRD) on the CPU
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)" numpy triton pybind11 "setuptools>=77" wheel
 	rm -rf build
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q --no-build-isolation -e ".[test,train]"
 	touch $(STAMP)
 
 test: $(STAMP)
