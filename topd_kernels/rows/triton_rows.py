@@ -14,11 +14,14 @@ rows (b, t) of (B, T, V) tensors the caller allocated, with strides of their own
 full. Every load is converted to float32 at once (bf16 arithmetic is wrong under the Triton
 interpreter, and float32 is what we want on the GPU anyway).
 
-Block size / warps: a fixed default chosen from the vocabulary size (`_launch_config`). Two environment
-switches, read once at import: TOPD_TRITON_BLOCK_V (a power of two >= 16) overrides the block size
-(`BLOCK_V_OVERRIDE`; tests monkeypatch the constant to force many blocks per row); TOPD_TRITON_AUTOTUNE=1
-autotunes over a small config set on a GPU (`AUTOTUNE`; never under the interpreter, where one big block
-per row keeps the tests fast).
+Block size / warps: a fixed default chosen from the vocabulary size (`_launch_config`; the forward on a GPU
+with 8 columns per thread, `_forward_warps`). Two environment switches, read once at import:
+TOPD_TRITON_BLOCK_V (a power of two >= 16) overrides the block size (`BLOCK_V_OVERRIDE`; tests monkeypatch
+the constant to force many blocks per row); TOPD_TRITON_AUTOTUNE=1 autotunes over a small config set on a
+GPU (`AUTOTUNE`; never under the interpreter, where one big block per row keeps the tests fast).
+
+Machine code: `benchmarks/kernel_stats.py` compiles every kernel variant for sm_90 without a GPU and
+reports instructions per element pair, registers, spills and access widths (benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -61,8 +64,9 @@ _MIX_T: tl.constexpr = tl.constexpr(int(Stat.MIX_T))
 # M_x (of a_x; kept as the max of the raw logits z_x, M_x = max z_x / tau) and the running sum
 # L_x = sum_v exp(a_x - M_x). A new block with maximum b raises the max to M'_x = max(M_x, b); the old
 # sum is rescaled by alpha_x = exp(M_x - M'_x) and the block adds sum exp(a_x - M'_x). (While M_x is
-# still -inf -- every entry so far -inf -- L_x = 0 and alpha_x is taken as 1; entries at -inf add
-# exp(-inf) = 0, written with tl.where so that -inf - -inf never reaches a sum.)
+# still -inf -- every entry so far -inf -- L_x = 0 and alpha_x is taken as 1 (careful path, below) or
+# comes out as exp(-inf) = 0 (fast path); entries at -inf add exp(-inf) = 0, the shift taken against 0
+# instead of M'_x while M'_x = -inf, so that -inf - -inf never reaches a sum.)
 # Stored (contract.Stat): MAX_x = max z_x (the raw logits) and LOGSUM_x = log L_x, so that
 #     log p_x = (z_x - MAX_x) / tau - LOGSUM_x.
 #
@@ -75,7 +79,10 @@ _MIX_T: tl.constexpr = tl.constexpr(int(Stat.MIX_T))
 # by -((M'_s - M_s) - (M'_t - M_t)), so
 #     X' = alpha_s * (X + L_s * ((M_s - M_t) - (M'_s - M'_t))) + sum_block e'_v (l'_s - l'_t).
 # Working with shifted log-weights (not raw a_s - a_t) keeps the cancellation in X / L_s - log L_s +
-# log L_t at the size of the log-probabilities instead of the size of the logits.
+# log L_t at the size of the log-probabilities instead of the size of the logits. The kernel keeps X in
+# raw logit units, X_raw = tau X = sum_v e_v (d_s - d_t) with d_x = z_x - max z_x = tau l_x, so the update
+# reads X'_raw = alpha_s (X_raw + L_s ((m_s - m_t) - (m'_s - m'_t))) + sum_block e'_v (d'_s - d'_t) on the
+# raw maxima m = tau M, and X = X_raw / tau once at the end.
 # Terms with p_s = 0 (a_s = -inf) contribute 0 (tl.where, never 0 * inf). A position with p_s > 0 and
 # p_t = 0 makes the divergence +inf: it is flagged (b_inf_hit) and left out of X, and d = +inf.
 #
@@ -86,18 +93,51 @@ _MIX_T: tl.constexpr = tl.constexpr(int(Stat.MIX_T))
 # log mix = log((1-beta) exp(a_s - lse_s) + beta exp(a_t - lse_t)) does not factor into a running
 # quantity that can be rescaled when lse_s and lse_t move independently (the ratio of the two
 # normalisers changes the shape of the mixture inside the log). So pass 1 computes MAX_x and LOGSUM_x
-# with the online log-sum-exp, and pass 2 re-reads the row (mostly from L2 on a GPU) and accumulates
+# with the online log-sum-exp, and pass 2 re-reads the row (mostly from memory: with one or two ~600 KB
+# rows (bf16, V = 151936) in flight per SM, 80-160 MB against an H100's 50 MB of L2, the first read is
+# mostly evicted by then) and accumulates
 #     K_s = sum_v p_s (log p_s - log mix),  K_t = sum_v p_t (log p_t - log mix),
 #     d = beta K_t + (1 - beta) K_s,  stored as KL, MIX_S = K_s and MIX_T = K_t,
 # with log mix = logaddexp(log(1-beta) + log p_s, log(beta) + log p_t), evaluated as
 # hi + log(1 + exp(lo - hi)) and -inf when both are -inf; p * (...) with p = 0 is 0.
 #
 # Precision. The maxima are tracked on the raw logits z (dividing by tau > 0 keeps the order) and only
-# shifted differences are scaled: l = (z - max z) * (1/tau). The rounding of the scaling (and of 1/tau
-# itself) is then relative to the size of the log-probabilities, not to the size of the logits, which
-# keeps d, LOGSUM and the backward's log p = (z - MAX) / tau - LOGSUM as accurate as a plain float32
-# log_softmax whatever the common offset of the logits (z ~ 1e4 included): no quantity of the size of
-# max z / tau is ever formed.
+# shifted differences are scaled: l = (z - max z) * (1/tau), and exp(l) = exp2((z - max z) * (log2(e)/tau)).
+# The rounding of the scaling (and of 1/tau itself) is then relative to the size of the log-probabilities,
+# not to the size of the logits, which keeps d, LOGSUM and the backward's log p = (z - MAX) / tau - LOGSUM
+# as accurate as a plain float32 log_softmax whatever the common offset of the logits (z ~ 1e4 included):
+# no quantity of the size of max z / tau is ever formed (in particular z * (log2(e)/tau) - max z * (...)
+# is never used in place of (z - max z) * (log2(e)/tau)).
+#
+# Chunks. The running state (M_x, L_x, X, the inf flag) is kept per chunk of _CHUNK = 8 consecutive columns
+# of a block: a block is a (BLOCK_V / 8, 8) tensor, chunk c covers columns v0 + 8c ... v0 + 8c + 7 of every
+# block v0, and on a GPU one chunk is one thread's 16-byte bf16 load (8 columns per thread, `_forward_warps`).
+# Each chunk runs the online update above over its own columns, so a block needs no reduction across threads
+# (no shuffles, no shared memory, no barriers in the loop). After the loops the chunk states are combined into
+# the row's with the same rescaling, from each chunk's maxima m_c to the row's m = max_c m_c:
+#     L_x = sum_c alpha_c,x L_c,x,  X_raw = sum_c alpha_c,p (X_c + L_c,p ((m_c,p - m_p) - (m_c,q - m_q))),
+# alpha_c,x = exp((m_c,x - m_x) / tau), 0 for a chunk whose max is still -inf (its L is 0), and the inf
+# flag is the max over the chunks.
+#
+# Fast and careful paths (the math above is the same on both):
+# - Fast path: every full block [0, V - V % BLOCK_V), loaded without masks (16-byte loads whatever V is).
+#   Per element: d_x = z_x - m'_x (raw units), e_x = exp2(d_x * log2(e)/tau) (one MUFU.EX2, which flushes
+#   results below 2^-126 to 0: probabilities below 1e-38 of the chunk maximum's, which changes no sum) and
+#   e_p (d_p - d_q). No -inf handling at all: with every entry finite, every term is finite. An entry at
+#   -inf (or a chunk whose entries so far are all -inf, or a NaN / +inf logit) makes the chunk's state
+#   non-finite instead -- e_p (d_p - d_q) is 0 * -inf or e * inf, d_x is NaN when m'_x = -inf -- and a
+#   non-finite state stays non-finite through the rescaling. (JSD pass 1 only sums, and an entry at -inf
+#   adds exp2(-inf) = 0 there: only the all -inf start and non-finite logits poison a chunk.)
+# - Careful path: the update exactly as derived above, with the tl.where handling of -inf entries. After
+#   the fast loop, the chunks with a non-finite state (tested once per row) are reset and their columns of
+#   every full block are redone on the careful path (masked loads: the other chunks read nothing, and a
+#   block of -inf leaves a careful state unchanged: m' = m, alpha = 1, no term); the last, partial block
+#   always takes it (masked loads padded with -inf, which contribute nothing and set no inf flag since
+#   z_p > -inf is false there). Rows without -inf never run careful code in their main loop, and a row
+#   with a few -inf entries re-reads only the 8-column chunks that met them.
+# A per-block test instead (a block with -inf branches to the careful path) needs a reduction across the
+# thread block in every iteration (shuffles, shared memory, two barriers): measured with
+# benchmarks/kernel_stats.py, ~3 of the ~22 instructions per pair of that variant.
 #
 # Masked rows (mask[i] False) read nothing (the block loops run up to 0 instead of vocab_size) and store
 # exact zeros in every statistic.
@@ -107,19 +147,54 @@ def _row_start(p_base, i_b, i_t, stride_b, stride_t):
     return p_base + i_b * stride_b + i_t * stride_t
 
 
+# Columns per chunk: a block of BLOCK_V columns is handled as BLOCK_V / _CHUNK chunks of _CHUNK consecutive
+# columns (a (BLOCK_V / _CHUNK, _CHUNK) tensor; one 16-byte bf16 load, held by one thread), each with a
+# running state of its own (see "Chunks" above).
+_CHUNK: tl.constexpr = tl.constexpr(8)
+
+
 @triton.jit
-def _kl_cross_step(b_cross, b_inf_hit, b_z_p, b_z_q, b_e_p, b_l_p, b_l_q, b_sum_p, b_alpha_p, b_max_moves,
-                   b_max_q, m_col, inv_temperature):
-    """One block of KL(p || q)'s cross term X = sum_v e_p (l_p - l_q) (reverse KL: p = s, q = t; forward
-    KL: p = t, q = s), rescaled to the new maxima as derived above. b_max_moves = (M_p - M'_p) - (M_q - M'_q)
-    on the raw logits; b_max_q is q's maximum before this block. Returns (X', inf_hit'): entries with
-    p > 0 = q set inf_hit (d = +inf) and stay out of X; entries with p = 0 add nothing."""
+def _kl_cross_step(b_cross, b_inf_hit, b_z_p, b_z_q, b_e_p, b_d_p, b_d_q, b_sum_p, b_alpha_p, b_max_moves, b_max_q):
+    """One careful block of KL(p || q)'s cross term X = sum_v e_p (d_p - d_q) (raw units; reverse KL: p = s,
+    q = t; forward KL: p = t, q = s) per chunk, rescaled to the new maxima as derived above. Block tensors are
+    (chunks, _CHUNK), chunk states (chunks,); b_max_moves = (M_p - M'_p) - (M_q - M'_q) on the raw logits;
+    b_max_q is q's maximum before this block. Returns (X', inf_hit'): entries with p > 0 = q set the chunk's
+    inf_hit (d = +inf) and stay out of X; entries with p = 0 add nothing (padding columns are loaded as -inf
+    for both models, so they add nothing and set nothing)."""
     neg_inf = float("-inf")
-    m_hit = (b_z_p > neg_inf) & (b_z_q == neg_inf) & m_col
-    b_inf_hit = tl.maximum(b_inf_hit, tl.max(tl.where(m_hit, 1.0, 0.0), axis=0))
-    b_term = tl.where((b_z_p > neg_inf) & (b_z_q > neg_inf), b_e_p * (b_l_p - b_l_q), 0.0)
-    b_corr = tl.where((b_sum_p > 0) & (b_max_q > neg_inf), b_sum_p * (b_max_moves * inv_temperature), 0.0)
-    return b_alpha_p * (b_cross + b_corr) + tl.sum(b_term, axis=0), b_inf_hit
+    m_p = b_z_p > neg_inf
+    m_q = b_z_q > neg_inf
+    b_inf_hit = tl.maximum(b_inf_hit, tl.max(tl.where(m_p & ~m_q, 1.0, 0.0), axis=1))
+    b_term = tl.where(m_p & m_q, b_e_p * (b_d_p - b_d_q), 0.0)
+    b_corr = tl.where((b_sum_p > 0) & (b_max_q > neg_inf), b_sum_p * b_max_moves, 0.0)
+    return b_alpha_p * (b_cross + b_corr) + tl.sum(b_term, axis=1), b_inf_hit
+
+
+@triton.jit
+def _careful_block(b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_inf_hit, b_z_s, b_z_t, scale2,
+                   DIVERGENCE: tl.constexpr):
+    """The careful path of one block: (chunks, _CHUNK) logits, entries at -inf handled exactly. Takes and
+    returns the chunk states (M_s, M_t, L_s, L_t, X, inf_hit), each of shape (chunks,)."""
+    neg_inf = float("-inf")
+    b_new_max_s = tl.maximum(b_max_s, tl.max(b_z_s, axis=1))
+    b_new_max_t = tl.maximum(b_max_t, tl.max(b_z_t, axis=1))
+    # alpha = exp(M - M'); 1 while the max is still -inf (the sums are 0 then)
+    b_alpha_s = tl.where(b_new_max_s == neg_inf, 1.0, tl.exp2((b_max_s - b_new_max_s) * scale2))
+    b_alpha_t = tl.where(b_new_max_t == neg_inf, 1.0, tl.exp2((b_max_t - b_new_max_t) * scale2))
+    # z - M' (raw units), -inf where z = -inf: against 0 instead of M' in a chunk whose max is still -inf
+    # (every entry -inf), so that -inf - -inf never occurs and exp2 gives exactly 0 for every -inf entry.
+    b_d_s = b_z_s - tl.where(b_new_max_s == neg_inf, 0.0, b_new_max_s)[:, None]
+    b_d_t = b_z_t - tl.where(b_new_max_t == neg_inf, 0.0, b_new_max_t)[:, None]
+    b_e_s = tl.exp2(b_d_s * scale2)
+    b_e_t = tl.exp2(b_d_t * scale2)
+    if DIVERGENCE == _REVERSE_KL:
+        b_cross, b_inf_hit = _kl_cross_step(b_cross, b_inf_hit, b_z_s, b_z_t, b_e_s, b_d_s, b_d_t, b_sum_s, b_alpha_s,
+                                            (b_max_s - b_new_max_s) - (b_max_t - b_new_max_t), b_max_t)
+    elif DIVERGENCE == _FORWARD_KL:
+        b_cross, b_inf_hit = _kl_cross_step(b_cross, b_inf_hit, b_z_t, b_z_s, b_e_t, b_d_t, b_d_s, b_sum_t, b_alpha_t,
+                                            (b_max_t - b_new_max_t) - (b_max_s - b_new_max_s), b_max_s)
+    return (b_new_max_s, b_new_max_t, b_alpha_s * b_sum_s + tl.sum(b_e_s, axis=1),
+            b_alpha_t * b_sum_t + tl.sum(b_e_t, axis=1), b_cross, b_inf_hit)
 
 
 @triton.jit
@@ -178,71 +253,113 @@ def _row_forward_kernel(
     i_t = i_n % length  # position of the row
     p_s_row = _row_start(p_student, i_b, i_t, stride_student_b, stride_student_t)
     p_t_row = _row_start(p_teacher, i_b, i_t, stride_teacher_b, stride_teacher_t)
-    o_v = tl.arange(0, BLOCK_V)
 
     b_valid = tl.load(p_mask + i_n * stride_mask) != 0
     b_end = tl.where(b_valid, vocab_size, 0)  # columns read: none on a masked row
+    b_full_end = b_end // BLOCK_V * BLOCK_V  # the full blocks [0, b_full_end) take the fast path
+    o_blk = tl.arange(0, BLOCK_V // _CHUNK)[:, None] * _CHUNK + tl.arange(0, _CHUNK)[None, :]  # (chunks, _CHUNK)
 
     neg_inf = float("-inf")
-    # Maxima of the raw logits; only shifted differences are scaled by 1/tau (see "Precision" above).
-    b_max_s = tl.full((), neg_inf, tl.float32)  # running max of z_s (M_s = b_max_s / tau)
-    b_max_t = tl.full((), neg_inf, tl.float32)  # running max of z_t (M_t = b_max_t / tau)
-    b_sum_s = tl.zeros((), tl.float32)  # running L_s = sum exp(a_s - M_s)
-    b_sum_t = tl.zeros((), tl.float32)  # running L_t = sum exp(a_t - M_t)
-    b_cross = tl.zeros((), tl.float32)  # running cross term X (reverse / forward KL)
-    b_inf_hit = tl.zeros((), tl.float32)  # 1 when some p_x > 0 meets p_other = 0 (d = +inf)
+    scale2 = inv_temperature * 1.4426950408889634  # log2(e) / tau: exp((z - M) / tau) = exp2((z - M) * scale2)
+    # Chunk states (see "Chunks" above). Maxima of the raw logits; only shifted differences are scaled.
+    b_max_s = tl.full((BLOCK_V // _CHUNK,), neg_inf, tl.float32)  # running max of z_s (M_s = b_max_s / tau)
+    b_max_t = tl.full((BLOCK_V // _CHUNK,), neg_inf, tl.float32)  # running max of z_t (M_t = b_max_t / tau)
+    b_sum_s = tl.zeros((BLOCK_V // _CHUNK,), tl.float32)  # running L_s = sum exp(a_s - M_s)
+    b_sum_t = tl.zeros((BLOCK_V // _CHUNK,), tl.float32)  # running L_t = sum exp(a_t - M_t)
+    b_cross = tl.zeros((BLOCK_V // _CHUNK,), tl.float32)  # running cross term X (reverse / forward KL), raw units
+    b_inf_hit = tl.zeros((BLOCK_V // _CHUNK,), tl.float32)  # 1 where some p_x > 0 meets p_other = 0 (d = +inf)
 
-    for v0 in tl.range(0, b_end, BLOCK_V):
-        o_col = v0 + o_v
-        m_col = o_col < vocab_size
-        b_z_s = tl.load(p_s_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
-        b_z_t = tl.load(p_t_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
-
-        b_new_max_s = tl.maximum(b_max_s, tl.max(b_z_s, axis=0))
-        b_new_max_t = tl.maximum(b_max_t, tl.max(b_z_t, axis=0))
-        # alpha = exp(M - M'); 1 while the max is still -inf (the sums are 0 then)
-        b_alpha_s = tl.where(b_new_max_s == neg_inf, 1.0, tl.exp((b_max_s - b_new_max_s) * inv_temperature))
-        b_alpha_t = tl.where(b_new_max_t == neg_inf, 1.0, tl.exp((b_max_t - b_new_max_t) * inv_temperature))
-        b_l_s = (b_z_s - b_new_max_s) * inv_temperature  # shifted log-weights a - M' (-inf where z = -inf)
-        b_l_t = (b_z_t - b_new_max_t) * inv_temperature
-        b_e_s = tl.where(b_z_s == neg_inf, 0.0, tl.exp(b_l_s))
-        b_e_t = tl.where(b_z_t == neg_inf, 0.0, tl.exp(b_l_t))
+    for v0 in tl.range(0, b_full_end, BLOCK_V):
+        # Fast path (see "Fast and careful paths" above): unmasked loads of a full block, no -inf handling.
+        b_z_s = tl.load(p_s_row + v0 + o_blk).to(tl.float32)
+        b_z_t = tl.load(p_t_row + v0 + o_blk).to(tl.float32)
+        b_new_max_s = tl.maximum(b_max_s, tl.max(b_z_s, axis=1))
+        b_new_max_t = tl.maximum(b_max_t, tl.max(b_z_t, axis=1))
+        b_d_s = b_z_s - b_new_max_s[:, None]  # z - M' in raw units
+        b_d_t = b_z_t - b_new_max_t[:, None]
+        b_e_s = tl.exp2(b_d_s * scale2)  # exp(a - M')
+        b_e_t = tl.exp2(b_d_t * scale2)
+        # alpha = exp(M - M'): 0 while M = -inf (no block seen: the sum it scales is 0, and the cross term's
+        # correction, -inf - -inf there, is left out by the b_sum > 0 test)
+        b_alpha_s = tl.exp2((b_max_s - b_new_max_s) * scale2)
+        b_alpha_t = tl.exp2((b_max_t - b_new_max_t) * scale2)
         if DIVERGENCE == _REVERSE_KL:
-            b_cross, b_inf_hit = _kl_cross_step(b_cross, b_inf_hit, b_z_s, b_z_t, b_e_s, b_l_s, b_l_t, b_sum_s,
-                                                b_alpha_s, (b_max_s - b_new_max_s) - (b_max_t - b_new_max_t),
-                                                b_max_t, m_col, inv_temperature)
+            b_corr = tl.where(b_sum_s > 0, b_sum_s * ((b_max_s - b_new_max_s) - (b_max_t - b_new_max_t)), 0.0)
+            b_cross = b_alpha_s * (b_cross + b_corr) + tl.sum(b_e_s * (b_d_s - b_d_t), axis=1)
         elif DIVERGENCE == _FORWARD_KL:
-            b_cross, b_inf_hit = _kl_cross_step(b_cross, b_inf_hit, b_z_t, b_z_s, b_e_t, b_l_t, b_l_s, b_sum_t,
-                                                b_alpha_t, (b_max_t - b_new_max_t) - (b_max_s - b_new_max_s),
-                                                b_max_s, m_col, inv_temperature)
-
-        b_sum_s = b_alpha_s * b_sum_s + tl.sum(b_e_s, axis=0)
-        b_sum_t = b_alpha_t * b_sum_t + tl.sum(b_e_t, axis=0)
+            b_corr = tl.where(b_sum_t > 0, b_sum_t * ((b_max_t - b_new_max_t) - (b_max_s - b_new_max_s)), 0.0)
+            b_cross = b_alpha_t * (b_cross + b_corr) + tl.sum(b_e_t * (b_d_t - b_d_s), axis=1)
+        b_sum_s = b_alpha_s * b_sum_s + tl.sum(b_e_s, axis=1)
+        b_sum_t = b_alpha_t * b_sum_t + tl.sum(b_e_t, axis=1)
         b_max_s = b_new_max_s
         b_max_t = b_new_max_t
 
-    b_log_sum_s = tl.log(b_sum_s)  # LOGSUM_S = log L_s
-    b_log_sum_t = tl.log(b_sum_t)  # LOGSUM_T = log L_t
+    # Chunks whose fast-path state is not finite saw an entry at -inf or a non-finite logit: start them again
+    # and redo their columns of every full block on the careful path (the other chunks' loads are masked off:
+    # an all -inf block leaves a careful state unchanged). Checked once per row (NaN < inf is false).
+    m_redo = ~(tl.abs(b_sum_s + b_sum_t + b_cross) < float("inf"))
+    if tl.max(m_redo.to(tl.int32), axis=0) > 0:
+        b_max_s = tl.where(m_redo, neg_inf, b_max_s)
+        b_max_t = tl.where(m_redo, neg_inf, b_max_t)
+        b_sum_s = tl.where(m_redo, 0.0, b_sum_s)
+        b_sum_t = tl.where(m_redo, 0.0, b_sum_t)
+        b_cross = tl.where(m_redo, 0.0, b_cross)
+        for v0 in tl.range(0, b_full_end, BLOCK_V):  # kernel_stats: rare (rows with -inf / non-finite logits)
+            m_load = m_redo[:, None] & (o_blk >= 0)
+            b_z_s = tl.load(p_s_row + v0 + o_blk, mask=m_load, other=neg_inf).to(tl.float32)
+            b_z_t = tl.load(p_t_row + v0 + o_blk, mask=m_load, other=neg_inf).to(tl.float32)
+            b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_inf_hit = _careful_block(
+                b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_inf_hit, b_z_s, b_z_t, scale2, DIVERGENCE)
+
+    if b_full_end < b_end:
+        # The last, partial block: masked loads padded with -inf, careful path.
+        o_col = b_full_end + o_blk
+        m_col = o_col < vocab_size
+        b_z_s = tl.load(p_s_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
+        b_z_t = tl.load(p_t_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
+        b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_inf_hit = _careful_block(
+            b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_inf_hit, b_z_s, b_z_t, scale2, DIVERGENCE)
+
+    # Combine the chunk states into the row's: the same rescaling, from each chunk's maxima to the row's.
+    b_row_max_s = tl.max(b_max_s, axis=0)
+    b_row_max_t = tl.max(b_max_t, axis=0)
+    b_alpha_s = tl.where(b_max_s == neg_inf, 0.0, tl.exp2((b_max_s - b_row_max_s) * scale2))  # 0: L of the chunk is 0
+    b_alpha_t = tl.where(b_max_t == neg_inf, 0.0, tl.exp2((b_max_t - b_row_max_t) * scale2))
+    if DIVERGENCE == _REVERSE_KL:
+        b_corr = tl.where((b_sum_s > 0) & (b_max_t > neg_inf),
+                          b_sum_s * ((b_max_s - b_row_max_s) - (b_max_t - b_row_max_t)), 0.0)
+        b_cross_row = tl.sum(b_alpha_s * (b_cross + b_corr), axis=0) * inv_temperature  # X in nats
+    elif DIVERGENCE == _FORWARD_KL:
+        b_corr = tl.where((b_sum_t > 0) & (b_max_s > neg_inf),
+                          b_sum_t * ((b_max_t - b_row_max_t) - (b_max_s - b_row_max_s)), 0.0)
+        b_cross_row = tl.sum(b_alpha_t * (b_cross + b_corr), axis=0) * inv_temperature
+    else:
+        b_cross_row = 0.0
+    b_sum_row_s = tl.sum(b_alpha_s * b_sum_s, axis=0)
+    b_sum_row_t = tl.sum(b_alpha_t * b_sum_t, axis=0)
+
+    b_log_sum_s = tl.log(b_sum_row_s)  # LOGSUM_S = log L_s
+    b_log_sum_t = tl.log(b_sum_row_t)  # LOGSUM_T = log L_t
     b_mix_s = tl.zeros((), tl.float32)
     b_mix_t = tl.zeros((), tl.float32)
 
     if DIVERGENCE == _REVERSE_KL:
-        b_d = b_cross / b_sum_s - b_log_sum_s + b_log_sum_t
-        b_d = tl.where(b_inf_hit > 0, float("inf"), b_d)
+        b_d = b_cross_row / b_sum_row_s - b_log_sum_s + b_log_sum_t
+        b_d = tl.where(tl.max(b_inf_hit, axis=0) > 0, float("inf"), b_d)
     elif DIVERGENCE == _FORWARD_KL:
-        b_d = b_cross / b_sum_t - b_log_sum_t + b_log_sum_s
-        b_d = tl.where(b_inf_hit > 0, float("inf"), b_d)
+        b_d = b_cross_row / b_sum_row_t - b_log_sum_t + b_log_sum_s
+        b_d = tl.where(tl.max(b_inf_hit, axis=0) > 0, float("inf"), b_d)
     else:
         # JSD pass 2: needs the final normalisers (see the derivation above).
-        b_mix_s, b_mix_t = _jsd_mix_pass(p_s_row, p_t_row, b_end, vocab_size, b_max_s, b_log_sum_s, b_max_t,
+        b_mix_s, b_mix_t = _jsd_mix_pass(p_s_row, p_t_row, b_end, vocab_size, b_row_max_s, b_log_sum_s, b_row_max_t,
                                          b_log_sum_t, inv_temperature, log_one_minus_beta, log_beta, BLOCK_V)
         b_d = beta * b_mix_t + (1.0 - beta) * b_mix_s
 
-    # Masked rows: exact zeros (their loops ran no step: -inf maxima, NaN sums, all replaced here).
+    # Masked rows: exact zeros (their loops ran no step: -inf maxima and log-sums, NaN d, all replaced here).
     p_out = p_stats + i_n * stride_stats_n
-    tl.store(p_out + _MAX_S * stride_stats_k, tl.where(b_valid, b_max_s, 0.0))
+    tl.store(p_out + _MAX_S * stride_stats_k, tl.where(b_valid, b_row_max_s, 0.0))
     tl.store(p_out + _LOGSUM_S * stride_stats_k, tl.where(b_valid, b_log_sum_s, 0.0))
-    tl.store(p_out + _MAX_T * stride_stats_k, tl.where(b_valid, b_max_t, 0.0))
+    tl.store(p_out + _MAX_T * stride_stats_k, tl.where(b_valid, b_row_max_t, 0.0))
     tl.store(p_out + _LOGSUM_T * stride_stats_k, tl.where(b_valid, b_log_sum_t, 0.0))
     tl.store(p_out + _KL * stride_stats_k, tl.where(b_valid, b_d, 0.0))
     tl.store(p_out + _MIX_S * stride_stats_k, tl.where(b_valid, b_mix_s, 0.0))
@@ -498,11 +615,22 @@ def _kernel(kernel):
     return _autotuned(kernel) if _use_autotune() else kernel
 
 
+def _forward_warps(block: int, warps: int, interpreted: bool = INTERPRETED) -> int:
+    """num_warps of the forward kernel for BLOCK_V = `block` (`warps`: _launch_config's): on a GPU, 8 columns
+    per thread (one 16-byte chunk, see "Chunks" above its kernel) up to 16 warps; more columns per thread
+    hold more registers (16 per thread: 80-110 registers on sm_90, benchmarks/kernel_stats.py)."""
+    if interpreted:
+        return warps
+    return max(warps, min(16, block // (32 * _CHUNK.value)))
+
+
 def _launch_options(kernel, vocab_size: int) -> dict:
     """BLOCK_V and num_warps of a launch of `kernel` (from `_kernel`); none when autotuned."""
     if isinstance(kernel, Autotuner):
         return {}
     block, warps = _launch_config(vocab_size, backward=kernel is _row_backward_kernel)
+    if kernel is _row_forward_kernel:
+        warps = _forward_warps(block, warps)
     return {"BLOCK_V": block, "num_warps": warps}
 
 
