@@ -33,7 +33,9 @@ namespace topd {
     X(kLogsumT, "LOGSUM_T", 3)                                                                       \
     X(kKL, "KL", 4)                                                                                  \
     X(kMixS, "MIX_S", 5)                                                                             \
-    X(kMixT, "MIX_T", 6)
+    X(kMixT, "MIX_T", 6)                                                                             \
+    X(kEntropyS, "ENTROPY_S", 7)                                                                     \
+    X(kTailS, "TAIL_S", 8)
 
 // Logit dtypes, by torch's name for them.
 #define TOPD_DTYPES(X)                                                                               \

@@ -180,6 +180,7 @@ def check_backend(backend, problem, teacher_grad=False, **kwargs):
     assert torch.equal(stats.high_loss, ref_stats.high_loss), "high_loss flags differ"
     assert torch.equal(stats.divergent, ref_stats.divergent), "divergent flags differ"
     _check_close("weight", stats.weight, ref_stats.weight, FP32_RTOL, 1e-6)
+    _check_close("entropy", stats.entropy, ref_stats.entropy, FP32_RTOL, d_atol + 1e-7)
 
     plain = _plain_at_input_dtype(problem, kwargs, ref_stats, teacher_grad, upstream)
     for name, grad, truth, plain_grad in zip(("grad_student", "grad_teacher"), grads, ref_grads, plain):

@@ -198,3 +198,23 @@ def test_tail_floor_passes_no_gradient():
                                             window=1)
         (ours,) = torch.autograd.grad(loss, x)
         assert torch.allclose(ours.double().cpu(), g[None], rtol=1e-4, atol=1e-7), backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("outside", [1e-30, 3e-8, 1e-5])
+def test_student_mass_outside_the_slots(seed, backend, divergence, outside):
+    """The student's mass outside the slots is ~0, near the 1e-7 floor, or 1e-5, while the teacher keeps 10% in
+    its tail (forward_kl multiplies any error of the student's tail by Q_tail / P_tail): the tail is summed over
+    the other columns, never 1 - sum p, so the floor's test and every output match the float64 reference."""
+    V, k = 400, 8
+    ids = torch.stack([torch.randperm(V)[:k] for _ in range(2 * 6)]).reshape(2, 6, k)
+    in_top = torch.zeros(2, 6, V, dtype=torch.bool).scatter_(-1, ids, True)
+    z = torch.randn(2, 6, V, dtype=torch.float64)
+    rest = torch.logsumexp(z.masked_fill(in_top, float("-inf")), -1, keepdim=True)
+    slots = torch.logsumexp(z.masked_fill(~in_top, float("-inf")), -1, keepdim=True)
+    student = torch.where(in_top, z + rest - slots - torch.log(torch.tensor(outside, dtype=torch.float64)), z).float()
+    logprobs = torch.log_softmax(torch.randn(2, 6, k), -1) + torch.log(torch.tensor(0.9))
+    problem = dict(student=student, teacher=TopK(ids, logprobs), mask=torch.ones(2, 6, dtype=torch.bool),
+                   cu_seqlens=None, vocab_size=None)
+    check_backend(backend, on_device(problem), divergence=divergence, beta=BETA, reduction="none", window=1)

@@ -64,6 +64,7 @@ class WindowKLStats(NamedTuple):
     high_loss: torch.Tensor     # bool
     divergent: torch.Tensor     # bool
     weight: torch.Tensor        # c_t, float32
+    entropy: torch.Tensor       # the student's entropy -sum_v p_s log p_s at temperature tau, float32
 
 
 def _number(name: str, value, *, integer: bool = False):

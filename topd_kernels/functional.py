@@ -1,6 +1,7 @@
 """`fused_window_kl` and `WindowKLLoss`: the autograd Function around a backend's row ops and the window step.
 
-Forward:  row ops' statistics (rows.contract.Stat) -> window step -> c_t d_t -> reduction.
+Forward:  row ops' statistics (rows.contract.Stat) -> window step -> c_t d_t -> reduction; the statistics
+          returned are the window step's and the student's entropy (a row statistic).
 Backward: the weights carry no gradient, so d loss / d z = sum_t coef_t dd_t/dz with
           coef_t = c_t * (upstream gradient of loss_t) / denominator; the row ops recompute the
           probabilities from the saved maxima and log-sums and write coef_t dd_t/dz into the gradient
@@ -93,8 +94,9 @@ class _WindowKLFunction(torch.autograd.Function):
                 loss = loss / denominator
         ctx.save_for_backward(student, teacher, stats, step.weight, *teacher_extra)
         ctx.geometries, ctx.call, ctx.ops, ctx.denominator = geometries, call, ops, denominator
-        ctx.mark_non_differentiable(*step)
-        return (loss, *step)
+        entropy = stats[Stat.ENTROPY_S]
+        ctx.mark_non_differentiable(*step, entropy)
+        return (loss, *step, entropy)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):

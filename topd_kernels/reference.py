@@ -53,6 +53,12 @@ def topk_divergence(student, topk: TopK, divergence: str, beta: float, temperatu
                                divergence, beta)
 
 
+def student_entropy(student, temperature: float, dtype=torch.float64):
+    """-sum_v p_s log p_s per row at temperature tau. student: (R, V) logits -> (R,)."""
+    log_p = torch.log_softmax((student if dtype is None else student.to(dtype)) / temperature, dim=-1)
+    return -(log_p.exp() * torch.where(log_p > float("-inf"), log_p, 0.0)).sum(-1)
+
+
 def category_divergence(log_ps, log_pt, divergence: str, beta: float):
     """d of two distributions over the same categories, given as log-probabilities (R, C) -> (R,)."""
     ps, pt = log_ps.exp(), log_pt.exp()
@@ -110,6 +116,8 @@ def window_kl_reference(student_logits, teacher_logits, *, mask=None, labels=Non
         d_valid = token_divergence(student, rows.teacher.flatten(0, 1)[index, :V], cfg.divergence, cfg.beta,
                                    cfg.temperature)
     d = d.index_put((index,), d_valid)
+    entropy = torch.zeros(n, dtype=torch.float64, device=d.device).index_put(
+        (index,), student_entropy(student, cfg.temperature).detach())
     d_val = d.detach().cpu()
     m = valid.double()
     d_list, m_list = d_val.tolist(), m.tolist()
@@ -164,5 +172,6 @@ def window_kl_reference(student_logits, teacher_logits, *, mask=None, labels=Non
         high_loss=torch.tensor(high, dtype=torch.bool).reshape(rows.shape).to(dev),
         divergent=torch.tensor(divergent, dtype=torch.bool).reshape(rows.shape).to(dev),
         weight=c.reshape(rows.shape).to(dev),
+        entropy=entropy.reshape(rows.shape).to(dev),
     )
     return loss, stats

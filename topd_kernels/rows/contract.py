@@ -40,6 +40,10 @@ Statistics (per row; z the raw logits, a = z / tau, V = call.vocab_size)
     MIX_S, MIX_T        jsd: K_s = KL(p_s || m), K_t = KL(p_t || m), d = beta K_t + (1 - beta) K_s;
                         0 for the other divergences. Each is its own statistic (free in the forward's
                         second pass), so no backend recovers K_t as (d - (1 - beta) K_s) / beta.
+    ENTROPY_S           H = -sum_v p_s log p_s, the student's entropy (reported, never differentiated). In a
+                        pass with the shifted log-weights l = (z - M) / tau and e = exp(l), L = sum e:
+                        H = log L - (sum e l) / L, the sum rescaled like the KL cross term when M moves.
+    TAIL_S              top-k "bucket" rows only (below): the student's mass outside the live slots; else 0.
 
 Gradients (the one derivation; every backend writes these)
     For p = softmax(a) and any F(p) with partials f_u = dF/dp_u:  dF/da_v = p_v (f_v - sum_u p_u f_u),
@@ -59,36 +63,39 @@ Gradients (the one derivation; every backend writes these)
 Top-k teacher rows (SPEC "Top-k teacher"; `define_topk_ops`, TopKCall)
     forward(student, teacher_logprobs, teacher_ids, mask, call: TopKCall) -> stats
     backward(student, teacher_logprobs, teacher_ids, stats, coef, call, grad_student) -> None
-    teacher_logprobs (B, T, k) float, teacher_ids (B, T, k) int32 / int64, any strides (the loss hands in
-    contiguous ones): slot j of a row is live when its log-probability is not -inf (a padding slot's id is
+    teacher_logprobs (B, T, k) float, teacher_ids (B, T, k) int32 / int64, any strides (views of the caller's
+    tensors): slot j of a row is live when its log-probability is not -inf (a padding slot's id is
     never read); the live ids are distinct and in [0, V) (checked before the call). No teacher gradient.
     Categories of a row: its live slots S, plus the tail for "bucket". With a = z_s / tau:
         bucket       MAX_S, LOGSUM_S over the V columns (as for logits), P_j = exp(log p at id_j),
-                     P_tail = max(1 - sum_S P_j, 1e-7), Q_j = exp(logprob_j), Q_tail = max(1 - sum_S Q_j, 1e-7)
-        renormalize  MAX_S, LOGSUM_S over the live slots only (the row's columns are not read):
+                     P_tail = max(R, 1e-7) with R = sum_{v not a live slot} p_v = TAIL_S, summed over the
+                     columns that are not slots (never 1 - sum_S P_j: see the precision note),
+                     Q_j = exp(logprob_j), Q_tail = max(1 - sum_S Q_j, 1e-7)
+        renormalize  MAX_S, LOGSUM_S over the live slots only (the row is read for ENTROPY_S alone):
                      P_j = exp((z_j - MAX_S) / tau - LOGSUM_S) = softmax over S, Q_j = q_j / sum_S q
-    Stored: MAX_S, LOGSUM_S, KL = d over the categories (0 with S empty); the other statistics are 0.
-    The backward recomputes the categories from the k slots and the stored MAX_S, LOGSUM_S (the same
-    arithmetic as the forward, so the tail is the same number).
-    Gradient. With g_c = dd/dP_c for the divergence taken over the categories,
-        reverse_kl  P_c g_c = P_c (log P_c - log Q_c + 1)
-        forward_kl  P_c g_c = -Q_c
-        jsd         P_c g_c = (1 - beta) P_c (log P_c - log M_c),  M_c = (1 - beta) P_c + beta Q_c
+    Stored: MAX_S, LOGSUM_S, KL = d over the categories (0 with S empty), ENTROPY_S = the student's entropy over
+    its V columns, TAIL_S = R (bucket); the other statistics are 0.
+    The backward recomputes the categories from the k slots, the stored MAX_S, LOGSUM_S and TAIL_S (the same
+    arithmetic as the forward).
+    Gradient. With g_c = dd/dP_c for the divergence taken over the categories and W_c = P_c g_c,
+        reverse_kl  W_c = P_c (log P_c - log Q_c + 1)
+        forward_kl  W_c = -Q_c
+        jsd         W_c = (1 - beta) P_c (log P_c - log M_c),  M_c = (1 - beta) P_c + beta Q_c
     (each 0 where P_c = 0, except forward_kl's). dP_j/da_v = P_j ([v = id_j] - p_v), and for the tail
-    dP_tail/da_v = -sum_j dP_j/da_v, so with g_tail taken as 0 where P_tail is floored (no gradient through
-    an active floor) and for renormalize (whose P_j = softmax over S already carries its normaliser),
-        G = sum_S P_j g_j - g_tail sum_S P_j
-        dd/da_v = -p_v G (bucket; 0 for renormalize)  +  [v = id_j] (P_j g_j - P_j g_tail - [renormalize] P_j G)
+    dP_tail/da_v = -sum_j dP_j/da_v (P_tail = 1 - sum_S P_j in exact arithmetic), so with f = 1 where the tail
+    is free (bucket, R > 1e-7) and f = 0 where it is floored (no gradient through an active floor) or absent
+    (renormalize, whose P_j = softmax over S carries its normaliser), g_tail = W_tail / P_tail:
+        dd/da_v = -p_v G                              at every column v that is not a slot (bucket; 0 otherwise),
+                  G = sum_S W_j + f (W_tail - g_tail)  (= sum_S W_j - f g_tail sum_S P_j, as sum_S P_j = 1 - R)
+        dd/da_v = W_j - P_j (sum_S W_i + f W_tail)    at the slot v = id_j (the same expression, with the
+                                                       terms in g_tail cancelled: no large g_tail at a slot)
     For renormalize this is P_j (g_j - sum_S P_i g_i) at the slots: the logits formula over k columns.
-    The tail mass: 1 - sum_S P_j cancels when the slots hold nearly all of the student's mass. Each P_j
-    carries a relative float32 error of a few u (|log P_j| + LOGSUM_S) (u = 2^-24), so the computed tail
-    errs by a few u (k + LOGSUM_S) absolute whatever its size: a float32 log_softmax of the whole row errs
-    by as much. It enters d as P_tail log(P_tail / Q_tail) (an error of that size times
-    |log(P_tail / Q_tail)| + 1) and the gradient through P_j g_tail at the slots and p_v G elsewhere; G's
-    error is of the same absolute size (g_tail's relative error is large only where P_tail is tiny, and is
-    multiplied by the slots' 1 - P_tail) and p_v <= P_tail, so every output keeps the absolute error of a
-    float32 computation of the whole row (the tests check the three-way bound on rows whose slots hold all
-    but 1e-5 of the student's mass).
+    Precision. 1 - sum_S P_j would cancel when the slots hold nearly all of the student's mass: it errs by a
+    few u (k + LOGSUM_S) (u = 2^-24) whatever the tail's size, and forward_kl multiplies that error by
+    Q_tail / P_tail (in d and in g_tail), and decides by rounding noise whether a tail of true mass ~0 is
+    floored. R summed over the columns that are not slots has the relative accuracy of any float32 sum of
+    positive terms, so P_tail, the floor's test and g_tail are as accurate as the row's other probabilities.
+    The teacher's tail 1 - sum_S Q_j is data (the server's numbers), taken as given.
 Hidden (SPEC "Input forms") will fit here: the row functions run on chunks of rows whose logits a matrix
 product has just made (B = 1, T = chunk rows); the chunk's gradient goes back through the product.
 Vocabulary shards (SPEC "Vocabulary-parallel") are `vocab_parallel.py`: the statistics of each rank's columns
@@ -119,6 +126,8 @@ class Stat(enum.IntEnum):
     KL = 4
     MIX_S = 5
     MIX_T = 6
+    ENTROPY_S = 7
+    TAIL_S = 8
 
 
 NUM_STATS = len(Stat)

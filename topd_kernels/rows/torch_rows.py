@@ -53,6 +53,11 @@ def _log_mix(log_ps, log_pt, beta: float):
     return torch.logaddexp(log_ps + math.log1p(-beta), log_pt + math.log(beta))
 
 
+def _entropy(log_p: torch.Tensor) -> torch.Tensor:
+    """-sum p log p per row of a chunk (R, V) -> (R,) (0 log 0 = 0)."""
+    return -(log_p.exp() * log_p).nan_to_num_(nan=0.0).sum(-1)
+
+
 def _mix_divergences(log_ps, log_pt, beta: float):
     """(K_s, K_t) = (KL(p_s || mix), KL(p_t || mix)) per row of a chunk (R, V) -> (R,), (R,)."""
     log_m = _log_mix(log_ps, log_pt, beta)
@@ -75,7 +80,7 @@ def row_forward(student, teacher, mask, call: RowCall):
         else:
             mix_s, mix_t = _mix_divergences(log_ps, log_pt, call.beta)
             d = call.beta * mix_t + (1 - call.beta) * mix_s
-        values = torch.stack((max_s, logsum_s, max_t, logsum_t, d, mix_s, mix_t))
+        values = torch.stack((max_s, logsum_s, max_t, logsum_t, d, mix_s, mix_t, _entropy(log_ps)))
         stats[:, rows] = torch.where(mask[rows], values, torch.zeros_like(values))
     return stats
 
@@ -155,38 +160,39 @@ OPS = define_row_ops("torch", row_forward, row_backward, mix=row_mix)
 TAIL_FLOOR = 1e-7  # SPEC: both tails are floored at 1e-7
 
 
-def _topk_slots(student, logprobs, ids, st, call: TopKCall, normalisers: bool):
-    """The categories of a chunk of rows: (z (R, V) float32 or None, live (R, k), log P (R, k + 1), log Q (R, k + 1),
-    tail_free (R,): the student's tail is not floored, normalisers (max, logsum) (R,)). Column k is the tail
-    (-inf for renormalize). normalisers: compute MAX_S / LOGSUM_S here (forward) or read them from `st`."""
+def _slots(logits, logprobs, ids):
+    """(live (R, k), the slots' column index (R, k) int64 (0 at padding), the slots' logits (R, k) float32)."""
     live = logprobs > float("-inf")
     index = torch.where(live, ids, 0).to(torch.int64)
-    bucket = call.tail == BUCKET
-    z = student[:, :call.vocab_size].to(torch.float32) if bucket else None
-    z_slots = (z if bucket else student).gather(-1, index).to(torch.float32)
-    if not normalisers:
-        max_z, logsum = st[Stat.MAX_S], st[Stat.LOGSUM_S]
-    elif bucket:
-        _, max_z, logsum = _log_probs(z, call._replace(vocab_size=z.shape[-1]))
-    else:  # the normalisers of the live slots (an empty row gets 0, 0: it has no category)
-        masked = torch.where(live, z_slots, float("-inf"))
-        max_z = masked.amax(-1)
-        max_z = torch.where(live.any(-1), max_z, 0.0)
-        logsum = torch.logsumexp((masked - max_z[:, None]) / call.temperature, -1)
-        logsum = torch.where(live.any(-1), logsum, 0.0)
+    return live, index, logits.gather(-1, index).to(torch.float32)
+
+
+def _slot_normalisers(z_slots, live, call: TopKCall):
+    """renormalize's MAX_S and LOGSUM_S: over the live slots (0, 0 for a row without one)."""
+    any_live = live.any(-1)
+    max_z = torch.where(any_live, torch.where(live, z_slots, float("-inf")).amax(-1), 0.0)
+    shifted = torch.where(live, (z_slots - max_z[:, None]) / call.temperature, float("-inf"))
+    return max_z, torch.where(any_live, torch.logsumexp(shifted, -1), 0.0)
+
+
+def _categories(z_slots, live, logprobs, max_z, logsum, rest, call: TopKCall):
+    """(log P (R, k + 1), log Q (R, k + 1), free (R,): the student's tail is not floored) of a chunk of rows;
+    column k is the tail (-inf for renormalize). rest: the student's mass outside the live slots (TAIL_S)."""
     log_p = torch.where(live, (z_slots - max_z[:, None]) / call.temperature - logsum[:, None], float("-inf"))
     log_q = logprobs.to(torch.float32)
-    if bucket:
-        p_rest = 1 - log_p.exp().sum(-1)
-        log_p = torch.cat((log_p, p_rest.clamp(min=TAIL_FLOOR).log()[:, None]), -1)
+    if call.tail == BUCKET:
+        log_p = torch.cat((log_p, rest.clamp(min=TAIL_FLOOR).log()[:, None]), -1)
         log_q = torch.cat((log_q, (1 - log_q.exp().sum(-1)).clamp(min=TAIL_FLOOR).log()[:, None]), -1)
-        tail_free = p_rest > TAIL_FLOOR
-    else:
-        log_q = log_q - torch.logsumexp(log_q, -1, keepdim=True).nan_to_num(neginf=0.0)
-        log_p = torch.cat((log_p, log_p.new_full((log_p.shape[0], 1), float("-inf"))), -1)
-        log_q = torch.cat((log_q, log_q.new_full((log_q.shape[0], 1), float("-inf"))), -1)
-        tail_free = torch.zeros_like(live[:, 0])
-    return z, live, index, log_p, log_q, tail_free, (max_z, logsum)
+        return log_p, log_q, rest > TAIL_FLOOR
+    log_q = log_q - torch.logsumexp(log_q, -1, keepdim=True).nan_to_num(neginf=0.0)
+    no_tail = log_p.new_full((log_p.shape[0], 1), float("-inf"))
+    return torch.cat((log_p, no_tail), -1), torch.cat((log_q, no_tail), -1), torch.zeros_like(live[:, 0])
+
+
+def _slot_columns(index, live, width: int):
+    """(R, width) bool: the columns of the live slots (a padding slot's index, 0, marks nothing)."""
+    marks = torch.zeros(index.shape[0], width, dtype=torch.float32, device=index.device)
+    return marks.scatter_add_(-1, index, live.to(torch.float32)) > 0
 
 
 def _category_divergence(log_p, log_q, call):
@@ -209,38 +215,44 @@ def _category_weights(log_p, log_q, call):
     return _weighted_log_ratio(p, log_p, _log_mix(log_p, log_q, call.beta)).mul_(1 - call.beta)
 
 
-def _topk_chunks(student, logprobs, ids, call):
-    batch, length = student.shape[:2]
-    for rows, b, span in _chunks(batch, length, call.vocab_size if call.tail == BUCKET else ids.shape[-1]):
-        yield rows, b, span, student[b, span], logprobs[b, span], ids[b, span]
-
-
 def topk_forward(student, logprobs, ids, mask, call: TopKCall):
     """Row statistics (NUM_STATS, N) float32 per the contract's top-k rows."""
     stats = torch.zeros(NUM_STATS, student.shape[0] * student.shape[1], dtype=torch.float32, device=student.device)
-    for rows, _, _, z, lq, slot_ids in _topk_chunks(student, logprobs, ids, call):
-        _, _, _, log_p, log_q, _, (max_z, logsum) = _topk_slots(z, lq, slot_ids, None, call, normalisers=True)
-        values = torch.stack((max_z, logsum, _category_divergence(log_p, log_q, call)))
-        stats[[Stat.MAX_S, Stat.LOGSUM_S, Stat.KL], rows] = torch.where(mask[rows], values, torch.zeros_like(values))
+    for rows, b, span in _chunks(student.shape[0], student.shape[1], call.vocab_size):
+        z = student[b, span, :call.vocab_size].to(torch.float32)
+        log_p_row, max_z, logsum = _log_probs(z, call)
+        live, index, z_slots = _slots(z, logprobs[b, span], ids[b, span])
+        if call.tail == BUCKET:  # the mass outside the slots, summed directly (no 1 - sum_S P_j)
+            rest = log_p_row.exp().masked_fill_(_slot_columns(index, live, z.shape[-1]), 0.0).sum(-1)
+        else:
+            max_z, logsum = _slot_normalisers(z_slots, live, call)
+            rest = torch.zeros_like(max_z)
+        log_p, log_q, _ = _categories(z_slots, live, logprobs[b, span], max_z, logsum, rest, call)
+        values = torch.stack((max_z, logsum, _category_divergence(log_p, log_q, call), _entropy(log_p_row), rest))
+        stats[[Stat.MAX_S, Stat.LOGSUM_S, Stat.KL, Stat.ENTROPY_S, Stat.TAIL_S], rows] = \
+            torch.where(mask[rows], values, torch.zeros_like(values))
     return stats
 
 
 def topk_backward(student, logprobs, ids, stats, coef, call: TopKCall, grad_student) -> None:
-    """Write coef * dd/dz into grad_student per the contract's top-k rows."""
+    """Write coef * dd/dz into grad_student per the contract's top-k rows (renormalize reads only the slots)."""
     bucket = call.tail == BUCKET
-    for rows, b, span, chunk, lq, slot_ids in _topk_chunks(student, logprobs, ids, call):
-        z, live, index, log_p, log_q, tail_free, _ = _topk_slots(chunk, lq, slot_ids, stats[:, rows], call,
-                                                                 normalisers=False)
+    for rows, b, span in _chunks(student.shape[0], student.shape[1], call.vocab_size if bucket else ids.shape[-1]):
+        chunk, st = student[b, span], stats[:, rows]
+        live, index, z_slots = _slots(chunk, logprobs[b, span], ids[b, span])
+        log_p, log_q, free = _categories(z_slots, live, logprobs[b, span], st[Stat.MAX_S], st[Stat.LOGSUM_S],
+                                         st[Stat.TAIL_S], call)
         weights = _category_weights(log_p, log_q, call)
-        p_slots = log_p[:, :-1].exp()
-        g_tail = torch.where(tail_free, weights[:, -1] / log_p[:, -1].exp(), 0.0)[:, None]
-        g_total = weights[:, :-1].sum(-1, keepdim=True) - g_tail * p_slots.sum(-1, keepdim=True)
-        slot = weights[:, :-1] - p_slots * (g_tail if bucket else g_tail + g_total)
-        if bucket:  # -p_v G over every column, then the slots' own terms added
-            grad = _log_p(z, stats[Stat.MAX_S, rows], stats[Stat.LOGSUM_S, rows], call).exp_().mul_(-g_total)
+        w_slots = weights[:, :-1].sum(-1, keepdim=True)
+        w_tail = torch.where(free, weights[:, -1], 0.0)[:, None]
+        slot = weights[:, :-1] - log_p[:, :-1].exp() * (w_slots + w_tail)
+        if bucket:  # -p_v G at the other columns
+            g_tail = torch.where(free, weights[:, -1] / log_p[:, -1].exp(), 0.0)[:, None]
+            grad = _log_p(chunk, st[Stat.MAX_S], st[Stat.LOGSUM_S], call).exp_().mul_(-(w_slots + w_tail - g_tail))
+            grad.masked_fill_(_slot_columns(index, live, call.vocab_size), 0.0)
         else:
             grad = torch.zeros(chunk.shape[0], call.vocab_size, dtype=torch.float32, device=chunk.device)
-        grad.scatter_add_(-1, index, torch.where(live, slot, 0.0))
+        grad.scatter_add_(-1, index, torch.where(live, slot, 0.0))  # the slots' columns hold 0 before
         _store(grad_student[b, span], call.vocab_size, grad, coef[rows] / call.temperature)
 
 

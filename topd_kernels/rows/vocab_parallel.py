@@ -15,10 +15,11 @@ The combination, per row (student s, teacher t, temperature tau):
                                                  -inf for a shard without mass (no real column, or all -inf)
     S = sum_r exp(a_r)                           MAX_S = M_s, LOGSUM_S = log S; b_r, T and the rest likewise
                                                  for the teacher. exp(a_r) / S = pi_r, the shard's share.
+    entropy     H = sum_r pi_r (H_r - log pi_r) = (sum_r exp(a_r) (H_r - a_r)) / S + log S
     reverse_kl  d = sum_r pi_r (d_r + log pi_r - log rho_r) = X / S - log S + log T,
                 X = sum_r exp(a_r) (d_r + a_r - b_r)
     forward_kl  the mirror image: X = sum_r exp(b_r) (d_r + b_r - a_r), d = X / T - log T + log S
-                                                 all-reduce SUM of (exp a_r, exp b_r, X_r)
+                                                 all-reduce SUM of (exp a_r, exp b_r, H term, X_r)
     jsd         log m needs the whole rows' normalisers: with MAX and LOGSUM combined (one pass over each
                 shard, the reverse_kl forward's), each rank sums K_s and K_t over its columns (the backend's
                 `mix` op, a second pass), all-reduce SUM; d = beta K_t + (1 - beta) K_s.
@@ -26,7 +27,7 @@ A shard without mass adds nothing; one with mass where the other model has none 
 reverse_kl), or with d_r = +inf, makes d = +inf, as in the single-process call. Rows whose mask is False
 are exact zeros.
 
-Communication per row and call: 5 floats in two all-reduces (KL), 6 floats in three (jsd): 20 / 24 bytes,
+Communication per row and call: 6 floats in two all-reduces (KL), 7 floats in three (jsd): 24 / 28 bytes,
 whatever V. Widths are compared across the group once per (group, widths) (`_check_widths`).
 """
 from __future__ import annotations
@@ -151,7 +152,11 @@ def _combine_normalisers(local: Tensor, call: RowCall, group) -> Tensor:
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
     shifted = local[[Stat.LOGSUM_S, Stat.LOGSUM_T]] + (local_max - maxima) / call.temperature
     log_mass = torch.where(local_max == float("-inf"), float("-inf"), shifted)  # (a_r, b_r)
-    sums = log_mass.exp()
+    # The student's entropy: H = sum_r pi_r (H_r - log pi_r) = (sum_r exp(a_r) (H_r - a_r)) / S + log S.
+    student_mass = log_mass[0]
+    entropy = torch.where(student_mass > float("-inf"),
+                          student_mass.exp() * (local[Stat.ENTROPY_S] - student_mass), 0.0)
+    sums = torch.cat((log_mass.exp(), entropy[None]))
     if call.divergence != JSD:
         p, q = (0, 1) if call.divergence == REVERSE_KL else (1, 0)
         sums = torch.cat((sums, _cross_term(log_mass[p], log_mass[q], local[Stat.KL])[None]))
@@ -160,6 +165,7 @@ def _combine_normalisers(local: Tensor, call: RowCall, group) -> Tensor:
     stats = torch.zeros_like(local)
     stats[Stat.MAX_S], stats[Stat.MAX_T] = maxima
     stats[Stat.LOGSUM_S], stats[Stat.LOGSUM_T] = log_sums
+    stats[Stat.ENTROPY_S] = sums[2] / sums[0] + log_sums[0]
     if call.divergence != JSD:
-        stats[Stat.KL] = sums[2] / sums[p] - log_sums[p] + log_sums[q]
+        stats[Stat.KL] = sums[3] / sums[p] - log_sums[p] + log_sums[q]
     return stats
