@@ -80,7 +80,8 @@ def row_forward(student, teacher, mask, call: RowCall):
         else:
             mix_s, mix_t = _mix_divergences(log_ps, log_pt, call.beta)
             d = call.beta * mix_t + (1 - call.beta) * mix_s
-        values = torch.stack((max_s, logsum_s, max_t, logsum_t, d, mix_s, mix_t, _entropy(log_ps)))
+        tail = torch.zeros_like(max_s)  # top-k rows only
+        values = torch.stack((max_s, logsum_s, max_t, logsum_t, d, mix_s, mix_t, _entropy(log_ps), tail))
         stats[:, rows] = torch.where(mask[rows], values, torch.zeros_like(values))
     return stats
 

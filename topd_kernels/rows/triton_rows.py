@@ -53,6 +53,8 @@ _LOGSUM_T: tl.constexpr = tl.constexpr(int(Stat.LOGSUM_T))
 _KL: tl.constexpr = tl.constexpr(int(Stat.KL))
 _MIX_S: tl.constexpr = tl.constexpr(int(Stat.MIX_S))
 _MIX_T: tl.constexpr = tl.constexpr(int(Stat.MIX_T))
+_ENTROPY_S: tl.constexpr = tl.constexpr(int(Stat.ENTROPY_S))
+_TAIL_S: tl.constexpr = tl.constexpr(int(Stat.TAIL_S))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,6 +90,10 @@ _MIX_T: tl.constexpr = tl.constexpr(int(Stat.MIX_T))
 #
 # Forward KL, one pass: the mirror image, X = sum_v exp(a_t - M_t) (l_t - l_s), rescaled by alpha_t,
 #     d = X / L_t - log L_t + log L_s,  +inf when p_t > 0 where p_s = 0.
+#
+# The student's entropy (every divergence, in the same pass): E = sum_v e_v l_s, the cross term with no second
+# model (rescaled as X with M_t fixed: E' = alpha_s (E + L_s (M_s - M'_s)) + sum_block e'_v l'_s), and
+#     H = -sum_v p_s log p_s = log L_s - E / L_s,  stored as ENTROPY_S.
 #
 # JSD, two passes. mix = (1 - beta) p_s + beta p_t needs the *normalised* probabilities, and
 # log mix = log((1-beta) exp(a_s - lse_s) + beta exp(a_t - lse_t)) does not factor into a running
@@ -171,10 +177,10 @@ def _kl_cross_step(b_cross, b_inf_hit, b_z_p, b_z_q, b_e_p, b_d_p, b_d_q, b_sum_
 
 
 @triton.jit
-def _careful_block(b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_inf_hit, b_z_s, b_z_t, scale2,
+def _careful_block(b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_ent, b_inf_hit, b_z_s, b_z_t, scale2,
                    DIVERGENCE: tl.constexpr):
     """The careful path of one block: (chunks, _CHUNK) logits, entries at -inf handled exactly. Takes and
-    returns the chunk states (M_s, M_t, L_s, L_t, X, inf_hit), each of shape (chunks,)."""
+    returns the chunk states (M_s, M_t, L_s, L_t, X, E, inf_hit), each of shape (chunks,)."""
     neg_inf = float("-inf")
     b_new_max_s = tl.maximum(b_max_s, tl.max(b_z_s, axis=1))
     b_new_max_t = tl.maximum(b_max_t, tl.max(b_z_t, axis=1))
@@ -193,8 +199,10 @@ def _careful_block(b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_inf_hit, b_z_s
     elif DIVERGENCE == _FORWARD_KL:
         b_cross, b_inf_hit = _kl_cross_step(b_cross, b_inf_hit, b_z_t, b_z_s, b_e_t, b_d_t, b_d_s, b_sum_t, b_alpha_t,
                                             (b_max_t - b_new_max_t) - (b_max_s - b_new_max_s), b_max_s)
+    b_ent = b_alpha_s * (b_ent + tl.where(b_sum_s > 0, b_sum_s * (b_max_s - b_new_max_s), 0.0)) + \
+        tl.sum(tl.where(b_z_s > neg_inf, b_e_s * b_d_s, 0.0), axis=1)
     return (b_new_max_s, b_new_max_t, b_alpha_s * b_sum_s + tl.sum(b_e_s, axis=1),
-            b_alpha_t * b_sum_t + tl.sum(b_e_t, axis=1), b_cross, b_inf_hit)
+            b_alpha_t * b_sum_t + tl.sum(b_e_t, axis=1), b_cross, b_ent, b_inf_hit)
 
 
 @triton.jit
@@ -267,6 +275,7 @@ def _row_forward_kernel(
     b_sum_s = tl.zeros((BLOCK_V // _CHUNK,), tl.float32)  # running L_s = sum exp(a_s - M_s)
     b_sum_t = tl.zeros((BLOCK_V // _CHUNK,), tl.float32)  # running L_t = sum exp(a_t - M_t)
     b_cross = tl.zeros((BLOCK_V // _CHUNK,), tl.float32)  # running cross term X (reverse / forward KL), raw units
+    b_ent = tl.zeros((BLOCK_V // _CHUNK,), tl.float32)  # running E = sum e_s (z_s - M_s), raw units (the entropy)
     b_inf_hit = tl.zeros((BLOCK_V // _CHUNK,), tl.float32)  # 1 where some p_x > 0 meets p_other = 0 (d = +inf)
 
     for v0 in tl.range(0, b_full_end, BLOCK_V):
@@ -289,6 +298,8 @@ def _row_forward_kernel(
         elif DIVERGENCE == _FORWARD_KL:
             b_corr = tl.where(b_sum_t > 0, b_sum_t * ((b_max_t - b_new_max_t) - (b_max_s - b_new_max_s)), 0.0)
             b_cross = b_alpha_t * (b_cross + b_corr) + tl.sum(b_e_t * (b_d_t - b_d_s), axis=1)
+        b_ent = b_alpha_s * (b_ent + tl.where(b_sum_s > 0, b_sum_s * (b_max_s - b_new_max_s), 0.0)) + \
+            tl.sum(b_e_s * b_d_s, axis=1)
         b_sum_s = b_alpha_s * b_sum_s + tl.sum(b_e_s, axis=1)
         b_sum_t = b_alpha_t * b_sum_t + tl.sum(b_e_t, axis=1)
         b_max_s = b_new_max_s
@@ -297,19 +308,20 @@ def _row_forward_kernel(
     # Chunks whose fast-path state is not finite saw an entry at -inf or a non-finite logit: start them again
     # and redo their columns of every full block on the careful path (the other chunks' loads are masked off:
     # an all -inf block leaves a careful state unchanged). Checked once per row (NaN < inf is false).
-    m_redo = ~(tl.abs(b_sum_s + b_sum_t + b_cross) < float("inf"))
+    m_redo = ~(tl.abs(b_sum_s + b_sum_t + b_cross + b_ent) < float("inf"))
     if tl.max(m_redo.to(tl.int32), axis=0) > 0:
         b_max_s = tl.where(m_redo, neg_inf, b_max_s)
         b_max_t = tl.where(m_redo, neg_inf, b_max_t)
         b_sum_s = tl.where(m_redo, 0.0, b_sum_s)
         b_sum_t = tl.where(m_redo, 0.0, b_sum_t)
         b_cross = tl.where(m_redo, 0.0, b_cross)
+        b_ent = tl.where(m_redo, 0.0, b_ent)
         for v0 in tl.range(0, b_full_end, BLOCK_V):  # kernel_stats: rare (rows with -inf / non-finite logits)
             m_load = m_redo[:, None] & (o_blk >= 0)
             b_z_s = tl.load(p_s_row + v0 + o_blk, mask=m_load, other=neg_inf).to(tl.float32)
             b_z_t = tl.load(p_t_row + v0 + o_blk, mask=m_load, other=neg_inf).to(tl.float32)
-            b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_inf_hit = _careful_block(
-                b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_inf_hit, b_z_s, b_z_t, scale2, DIVERGENCE)
+            b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_ent, b_inf_hit = _careful_block(
+                b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_ent, b_inf_hit, b_z_s, b_z_t, scale2, DIVERGENCE)
 
     if b_full_end < b_end:
         # The last, partial block: masked loads padded with -inf, careful path.
@@ -317,8 +329,8 @@ def _row_forward_kernel(
         m_col = o_col < vocab_size
         b_z_s = tl.load(p_s_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
         b_z_t = tl.load(p_t_row + o_col, mask=m_col, other=neg_inf).to(tl.float32)
-        b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_inf_hit = _careful_block(
-            b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_inf_hit, b_z_s, b_z_t, scale2, DIVERGENCE)
+        b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_ent, b_inf_hit = _careful_block(
+            b_max_s, b_max_t, b_sum_s, b_sum_t, b_cross, b_ent, b_inf_hit, b_z_s, b_z_t, scale2, DIVERGENCE)
 
     # Combine the chunk states into the row's: the same rescaling, from each chunk's maxima to the row's.
     b_row_max_s = tl.max(b_max_s, axis=0)
@@ -337,8 +349,10 @@ def _row_forward_kernel(
         b_cross_row = 0.0
     b_sum_row_s = tl.sum(b_alpha_s * b_sum_s, axis=0)
     b_sum_row_t = tl.sum(b_alpha_t * b_sum_t, axis=0)
+    b_ent_row = tl.sum(b_alpha_s * (b_ent + tl.where(b_sum_s > 0, b_sum_s * (b_max_s - b_row_max_s), 0.0)), axis=0)
 
     b_log_sum_s = tl.log(b_sum_row_s)  # LOGSUM_S = log L_s
+    b_entropy = b_log_sum_s - b_ent_row * inv_temperature / b_sum_row_s  # H = log L_s - E / L_s
     b_log_sum_t = tl.log(b_sum_row_t)  # LOGSUM_T = log L_t
     b_mix_s = tl.zeros((), tl.float32)
     b_mix_t = tl.zeros((), tl.float32)
@@ -364,6 +378,8 @@ def _row_forward_kernel(
     tl.store(p_out + _KL * stride_stats_k, tl.where(b_valid, b_d, 0.0))
     tl.store(p_out + _MIX_S * stride_stats_k, tl.where(b_valid, b_mix_s, 0.0))
     tl.store(p_out + _MIX_T * stride_stats_k, tl.where(b_valid, b_mix_t, 0.0))
+    tl.store(p_out + _ENTROPY_S * stride_stats_k, tl.where(b_valid, b_entropy, 0.0))
+    tl.store(p_out + _TAIL_S * stride_stats_k, 0.0)  # top-k rows only
 
 
 # Vocabulary-parallel jsd (vocab_parallel.py): JSD pass 2 alone, over one rank's columns, with the normalisers of
