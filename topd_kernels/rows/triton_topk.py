@@ -15,8 +15,11 @@ never loaded, let alone used as an address (every slot gather and scatter is mas
 One program per row; the k slots are one block of BLOCK_K = next power of two >= max(k, 16) lanes (k is
 small in practice: an inference server's top-k; a very large k costs registers, as a full row would).
 The tail ("bucket" / "renormalize", config.TAIL_CODES) and the divergence select code (constexprs).
-Launch configuration, autotuning (bucket only: the renormalize kernels never stream a row they read) and
-the output rounding are triton_rows' (`_launch_config`, `_kernel`, `_launch_options`, `_to_output`).
+The forward streams the student's row once for both tails (the entropy; bucket's normalisers and tail mass
+too); the bucket forward also gets each row's live ids sorted (an (N, k) int32 tensor the launcher makes with
+torch.sort) to tell the slot columns apart while streaming. Launch configuration, autotuning (every kernel
+that streams a row: the forward, the bucket backward) and the output rounding are triton_rows'
+(`_launch_config`, `_kernel`, `_launch_options`, `_to_output`).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..config import BUCKET, RENORMALIZE
-from .contract import NUM_STATS, TopKCall, define_topk_ops
+from .contract import NUM_STATS, Stat, TopKCall, define_topk_ops
 from .torch_rows import TAIL_FLOOR
 from .triton_rows import (_FORWARD_KL, _JSD, _KL, _LOGSUM_S, _LOGSUM_T, _MAX_S, _MAX_T, _MIX_S, _MIX_T,
                           _REVERSE_KL, INTERPRETED, _kernel, _launch_config, _launch_options, _on_device,
@@ -39,6 +42,9 @@ _BUCKET: tl.constexpr = tl.constexpr(BUCKET)
 _RENORMALIZE: tl.constexpr = tl.constexpr(RENORMALIZE)
 # Both tails are floored at 1e-7 (SPEC; torch_rows.TAIL_FLOOR): float32 1e-7 in both backends.
 _TAIL_FLOOR: tl.constexpr = tl.constexpr(TAIL_FLOOR)
+# The statistics rows triton_rows does not name (contract.Stat).
+_ENTROPY_S: tl.constexpr = tl.constexpr(int(Stat.ENTROPY_S))
+_TAIL_S: tl.constexpr = tl.constexpr(int(Stat.TAIL_S))
 # BLOCK_K is at least this (small blocks gain nothing and would only add compiled variants).
 MIN_BLOCK_K = 16
 
@@ -46,37 +52,59 @@ MIN_BLOCK_K = 16
 # ---------------------------------------------------------------------------------------------------
 # The math (derivation: contract.py, "Top-k teacher rows"; a = z_s / tau, V = vocab_size)
 # ---------------------------------------------------------------------------------------------------
+# The student's row, streamed once (both tails; `_student_pass`): the online max / sum-exp of triton_rows
+# (maxima on the raw logits M, only shifted differences scaled: l = (z - M) / tau, e = exp(l), L = sum e),
+# and with them
+#     S1 = sum e l, for the entropy H = log L - S1 / L (ENTROPY_S). When the running max moves to M', every e
+#          is multiplied by alpha = exp((M - M') / tau) and every l shifts by -(M' - M) / tau, so (as the KL
+#          cross term of triton_rows) S1' = alpha (S1 - L (M' - M) / tau) + sum_block e' l'. Every term is <= 0
+#          (l <= 0, M' >= M): no cancellation, H = log L + (-S1 / L) a sum of two terms >= 0. Entries at -inf
+#          add 0 (tl.where, never 0 * inf); a row of -inf (L = 0) gets H = 0, as torch_rows.
+#     L_rest = sum of e over the columns that are not live slots (bucket), rescaled by alpha like L, and
+#          R = L_rest / L = TAIL_S: the tail summed directly, never 1 - sum_S P_j (contract.py, "Precision").
+#          Membership: the launcher sorts each row's live ids (padding -> the sentinel V, after them); the kernel
+#          keeps the next one, b_next, as a scalar. A block [v0, v0 + BLOCK_V) whose end b_next has not reached
+#          holds no live id and adds its whole e sum to L_rest (one scalar compare: the common case for k << V
+#          / BLOCK_V blocks). Otherwise a loop steps b_next through the block's ids (sorted: they are the next
+#          ones), zeroing each one's e (a vector compare and select of BLOCK_V columns; one scalar id loaded a
+#          step), then sums what is left. Per row: k such steps in all (k * BLOCK_V compares) whatever the ids'
+#          distribution, a masked block sum per block holding an id, no per-block reduction otherwise.
+#          (Compared at sm_90, bf16, BLOCK_V 4096, 8 warps: about 46 instructions per id and 47 per block over
+#          the pass without membership (about 430 per block); counting each block's ids over BLOCK_K lanes
+#          instead cost a cross-warp reduction per block and about 140 per block.) 1 - sum_S P_j, or L minus the
+#          slots' e, would cancel; a (BLOCK_V, k) compare would cost k * V per row.
 # Categories of a row: the live slots S (log P_j, log Q_j) plus, for "bucket", the tail.
-#     bucket       MAX_S = max_v z_v, LOGSUM_S = log sum_v exp((z_v - MAX_S) / tau) over the V columns, by the
-#                  online max / sum-exp of triton_rows (maxima on the raw logits, only shifted differences
-#                  scaled by 1/tau); log P_j = (z_{id_j} - MAX_S) / tau - LOGSUM_S, log Q_j = logprob_j,
-#                  P_tail = max(1 - sum_S P_j, 1e-7), Q_tail = max(1 - sum_S Q_j, 1e-7) (as logs).
-#     renormalize  the row is not read: MAX_S, LOGSUM_S over the live slots' logits only (0, 0 with S empty),
-#                  log P_j as above (= log softmax over S), log Q_j = logprob_j - logsumexp_S(logprob).
+#     bucket       MAX_S = max_v z_v, LOGSUM_S = log L over the V columns; log P_j = (z_{id_j} - MAX_S) / tau
+#                  - LOGSUM_S, log Q_j = logprob_j, P_tail = max(R, 1e-7), Q_tail = max(1 - sum_S Q_j, 1e-7)
+#                  (as logs).
+#     renormalize  MAX_S, LOGSUM_S over the live slots' logits only (0, 0 with S empty), log P_j as above
+#                  (= log softmax over S), log Q_j = logprob_j - logsumexp_S(logprob); R = 0. (The row's
+#                  own max and sum serve only the entropy.)
 # d over the categories, with P = exp(log P), Q = exp(log Q) and every P (...) with P == 0 equal to 0:
 #     reverse_kl  sum P (log P - log Q)
 #     forward_kl  sum Q (log Q - log P)             (+inf when Q_j > 0 = P_j: a live slot at z = -inf)
 #     jsd         beta K_q + (1 - beta) K_p, K_p = sum P (log P - log M), K_q = sum Q (log Q - log M),
 #                 log M = logaddexp(log(1 - beta) + log P, log(beta) + log Q)
-# Stored: MAX_S, LOGSUM_S, KL = d; the other statistics 0; masked rows read nothing and store zeros.
+# Stored: MAX_S, LOGSUM_S, KL = d, ENTROPY_S = H, TAIL_S = R (bucket; 0 for renormalize); the other
+# statistics 0; masked rows read nothing and store exact zeros in every statistic.
 #
-# Backward: the categories again, from the k slots and the stored MAX_S, LOGSUM_S (the forward's very
+# Backward: the categories again, from the k slots and the stored MAX_S, LOGSUM_S, TAIL_S (the forward's very
 # float32 numbers and expressions, so the tail is the same number). Weights W_c = P_c g_c (g_c = dd/dP_c):
 #     reverse_kl  P (log P - log Q + 1),   forward_kl  -Q,   jsd  (1 - beta) P (log P - log M)
-#     g_tail = W_tail / P_tail where the tail is not floored (1 - sum_S P_j > 1e-7), else 0; 0 for renormalize
-#     G = sum_S W_j - g_tail sum_S P_j
-#     bucket       dd/da_v = -p_v G over the V columns (p_v = exp((z_v - MAX_S) / tau - LOGSUM_S)),
-#                  plus W_j - P_j g_tail at the slot id_j   (at a slot: -P_j G + W_j - P_j g_tail)
-#     renormalize  dd/da_v = 0 except at the slots: W_j - P_j G
+#     f = 1 where the tail is free (bucket, R > 1e-7), else 0 (an active floor; renormalize has no tail),
+#     g_tail = f W_tail / P_tail, G = sum_S W_j + f W_tail - g_tail
+#     bucket       dd/da_v = -p_v G at every column that is not a slot (p_v = exp((z_v - MAX_S) / tau - LOGSUM_S))
+#     both         dd/da_v = W_j - P_j (sum_S W_i + f W_tail) at the slot id_j (no g_tail at a slot)
+#     renormalize  dd/da_v = 0 off the slots
 # written as coef / tau * dd/da (dd/dz = dd/da / tau), zeros past V, exact zeros on rows with coef == 0
-# (which read nothing). The dense pass stores every column first; after a barrier (the dense stores of all
-# threads of the program ordered before it) a masked scatter stores the slots' full values at their ids.
+# (which read nothing). The dense pass stores every column (-p_v G at the slots' columns too: no membership
+# test); after a barrier (the dense stores of all threads of the program ordered before it) a masked scatter
+# overwrites the slots' columns with their full values.
 #
-# Precision: contract.py's note (the tail mass 1 - sum_S P_j errs by a few u (k + LOGSUM_S) absolute). That
-# error is amplified by |dd/dP_tail|: moderate for reverse_kl and jsd, but Q_tail / P_tail for forward_kl, whose
-# g_tail = -Q_tail / P_tail also makes -P_j G and -P_j g_tail cancel at the slots; when the student holds all
-# but float32 noise on the slots, that noise decides whether the floor is active (tests/test_triton_topk.py,
-# test_forward_kl_tail_noise). The torch path shares all of it (same arithmetic).
+# Precision: R is a float32 sum of positive terms (relative accuracy), so P_tail, the floor's test and g_tail
+# are as accurate as the row's other probabilities, whatever the slots hold (contract.py's note): forward_kl's
+# Q_tail / P_tail no longer multiplies a cancellation error (tests/test_triton_topk.py,
+# test_forward_kl_student_mass_outside_the_slots).
 @triton.jit
 def _load_slots(p_s_row, p_lq_row, p_id_row, stride_lq_k, stride_id_k, num_slots, b_read, BLOCK_K: tl.constexpr):
     """The k slots of one row (BLOCK_K lanes): (log q float32, -inf on padding and unused lanes; live mask;
@@ -95,14 +123,64 @@ def _load_slots(p_s_row, p_lq_row, p_id_row, stride_lq_k, stride_id_k, num_slots
 
 
 @triton.jit
-def _categories(b_z, b_lq, m_live, b_max, b_log_sum, inv_temperature, TAIL: tl.constexpr):
-    """(log P (BLOCK_K), log Q (BLOCK_K), log P_tail, log Q_tail, 1 - sum_S P_j) of one row, -inf off the live
-    slots. renormalize: log Q renormalised over S; the tail values are placeholders (-inf, -inf, 0)."""
+def _student_pass(p_s_row, p_sorted_row, b_end, vocab_size, b_num_sorted, inv_temperature, BLOCK_V: tl.constexpr,
+                  REST: tl.constexpr):
+    """One pass over the student's columns [0, b_end) (derivation above): (M = max z, L = sum e, S1 = sum e l,
+    L_rest = sum e over the columns that are not live slots). REST (bucket): compute L_rest (else 0) from the row's
+    live ids sorted at p_sorted_row (the sentinel V after them), of which b_num_sorted entries are read."""
+    neg_inf = float("-inf")
+    o_v = tl.arange(0, BLOCK_V)
+    b_max = tl.full((), neg_inf, tl.float32)  # running max of the raw logits z
+    b_sum = tl.zeros((), tl.float32)  # L = sum exp((z - b_max) / tau)
+    b_cross = tl.zeros((), tl.float32)  # S1 = sum e l, relative to the current max
+    b_rest = tl.zeros((), tl.float32)  # L_rest: L over the columns that are not live slots
+    b_j = tl.zeros((), tl.int32)  # sorted ids passed so far
+    if REST:
+        b_next = tl.load(p_sorted_row + b_j, mask=b_j < b_num_sorted, other=vocab_size)  # the next live id (or V)
+    else:
+        b_next = vocab_size  # unused
+    for v0 in tl.range(0, b_end, BLOCK_V):
+        o_col = v0 + o_v
+        b_z = tl.load(p_s_row + o_col, mask=o_col < vocab_size, other=neg_inf).to(tl.float32)
+        b_new_max = tl.maximum(b_max, tl.max(b_z, axis=0))
+        # alpha = exp(M - M'); 1 while the max is still -inf (the sums are 0 then)
+        b_alpha = tl.where(b_new_max == neg_inf, 1.0, tl.exp((b_max - b_new_max) * inv_temperature))
+        b_l = (b_z - b_new_max) * inv_temperature  # shifted log-weights (-inf where z = -inf)
+        b_e = tl.where(b_z == neg_inf, 0.0, tl.exp(b_l))
+        # S1' = alpha (S1 - L (M' - M) / tau) + block terms (L > 0 exactly when M is finite: no inf * 0)
+        b_shift = tl.where(b_sum > 0, b_sum * ((b_new_max - b_max) * inv_temperature), 0.0)
+        b_cross = b_alpha * (b_cross - b_shift) + tl.sum(tl.where(b_z == neg_inf, 0.0, b_e * b_l), axis=0)
+        b_block = tl.sum(b_e, axis=0)
+        b_sum = b_alpha * b_sum + b_block
+        if REST:
+            # The live ids in this block are the sorted ones from b_next on below the block's end, which is at most
+            # V (so the sentinel V ends the loop): zero their e, one id a step; a block without one adds its sum.
+            b_block_end = tl.minimum(v0 + BLOCK_V, vocab_size)
+            if b_next < b_block_end:
+                b_e_rest = b_e
+                while b_next < b_block_end:
+                    # o_v == id - v0 rather than o_col == id: the columns then need no registers of their own
+                    # (which made ptxas shuttle the 16 compares of a thread through P2R: 83 instead of 46 per id)
+                    b_e_rest = tl.where(o_v == b_next - v0, 0.0, b_e_rest)
+                    b_j += 1
+                    b_next = tl.load(p_sorted_row + b_j, mask=b_j < b_num_sorted, other=vocab_size)
+                b_rest_block = tl.sum(b_e_rest, axis=0)
+            else:
+                b_rest_block = b_block
+            b_rest = b_alpha * b_rest + b_rest_block
+        b_max = b_new_max
+    return b_max, b_sum, b_cross, b_rest
+
+
+@triton.jit
+def _categories(b_z, b_lq, m_live, b_max, b_log_sum, b_rest, inv_temperature, TAIL: tl.constexpr):
+    """(log P (BLOCK_K), log Q (BLOCK_K), log P_tail, log Q_tail) of one row, -inf off the live slots; b_rest = R,
+    the student's mass outside the live slots (bucket). renormalize: log Q renormalised over S; the tail values
+    are placeholders (-inf, -inf)."""
     neg_inf = float("-inf")
     b_lp = tl.where(m_live, (b_z - b_max) * inv_temperature - b_log_sum, neg_inf)
     if TAIL == _BUCKET:
-        b_p_rest = 1.0 - tl.sum(tl.exp(b_lp), axis=0)
-        b_lp_tail = tl.log(tl.maximum(b_p_rest, _TAIL_FLOOR))
+        b_lp_tail = tl.log(tl.maximum(b_rest, _TAIL_FLOOR))
         b_lq_tail = tl.log(tl.maximum(1.0 - tl.sum(tl.exp(b_lq), axis=0), _TAIL_FLOOR))
     else:
         # log Q_j = log q_j - logsumexp_S(log q) (torch.logsumexp; 0 for an empty S)
@@ -112,8 +190,7 @@ def _categories(b_z, b_lq, m_live, b_max, b_log_sum, inv_temperature, TAIL: tl.c
         b_lq = b_lq - tl.where(b_lse_q == neg_inf, 0.0, b_lse_q)
         b_lp_tail = tl.full((), neg_inf, tl.float32)
         b_lq_tail = tl.full((), neg_inf, tl.float32)
-        b_p_rest = tl.zeros((), tl.float32)
-    return b_lp, b_lq, b_lp_tail, b_lq_tail, b_p_rest
+    return b_lp, b_lq, b_lp_tail, b_lq_tail
 
 
 @triton.jit
@@ -179,6 +256,7 @@ def _topk_forward_kernel(
     p_student,  # *fp32/bf16/fp16: student logits (B, T, Vs); row (b, t) at b * stride_student_b + t * stride_student_t
     p_logprobs,  # *float: teacher log-probabilities (B, T, k); slot (b, t, j) at b * s_b + t * s_t + j * s_k
     p_ids,  # *i32/i64: teacher token ids (B, T, k), read only where the log-probability is > -inf
+    p_sorted,  # *i32 (N, k): each row's live ids sorted, V at padding (bucket; unused by renormalize)
     p_mask,  # *u8 (N,): the row mask (bool viewed as uint8); entry i at i * stride_mask
     p_stats,  # *fp32 (NUM_STATS, N) output, rows contract.Stat; (k, i) at k * stride_stats_k + i * stride_stats_n
     stride_student_b,  # int: elements between consecutive batch entries of the student
@@ -189,19 +267,20 @@ def _topk_forward_kernel(
     stride_ids_b,  # int: elements between consecutive batch entries of ids
     stride_ids_t,  # int: elements between consecutive positions of ids
     stride_ids_k,  # int: elements between consecutive slots of ids
+    stride_sorted_n,  # int: elements between consecutive rows of p_sorted (its last dim has stride 1)
     length,  # int: T, positions per batch entry (row i is (i // T, i % T))
     stride_mask,  # int: elements between consecutive mask entries
     stride_stats_k,  # int: elements between the NUM_STATS stats rows
     stride_stats_n,  # int: elements between consecutive entries of a stats row
-    vocab_size,  # int: V, the student's columns read (bucket); every live id is in [0, V)
+    vocab_size,  # int: V, the student's columns read; every live id is in [0, V)
     num_slots,  # int: k, slots per row (<= BLOCK_K)
     inv_temperature,  # fp32: 1 / tau (the student's only)
     beta,  # fp32: jsd mixture weight of the teacher (unused otherwise)
     log_one_minus_beta,  # fp32: log(1 - beta) (jsd only)
     log_beta,  # fp32: log(beta) (jsd only)
     DIVERGENCE: tl.constexpr,  # config.DIVERGENCE_CODES: 0 reverse_kl, 1 forward_kl, 2 jsd (selects code)
-    TAIL: tl.constexpr,  # config.TAIL_CODES: 0 bucket (reads the row), 1 renormalize (the slots only)
-    BLOCK_V: tl.constexpr,  # columns per block of the row pass (power of two; unused by renormalize)
+    TAIL: tl.constexpr,  # config.TAIL_CODES: 0 bucket (the row's normalisers and tail), 1 renormalize (the slots')
+    BLOCK_V: tl.constexpr,  # columns per block of the row pass (power of two)
     BLOCK_K: tl.constexpr,  # slot lanes (power of two >= k)
 ):
     i_n = tl.program_id(0).to(tl.int64)  # row index; int64 so that the row offsets cannot overflow
@@ -210,38 +289,34 @@ def _topk_forward_kernel(
     p_s_row = _row_start(p_student, i_b, i_t, stride_student_b, stride_student_t)
     p_lq_row = _row_start(p_logprobs, i_b, i_t, stride_logprobs_b, stride_logprobs_t)
     p_id_row = _row_start(p_ids, i_b, i_t, stride_ids_b, stride_ids_t)
+    p_sorted_row = p_sorted + i_n * stride_sorted_n
     b_valid = tl.load(p_mask + i_n * stride_mask) != 0  # masked rows read nothing
+    b_end = tl.where(b_valid, vocab_size, 0)  # columns read: none on a masked row
     neg_inf = float("-inf")
 
+    b_num_sorted = tl.where(b_valid, num_slots, 0)  # sorted ids read (bucket): none on a masked row
+    b_max_row, b_sum_row, b_cross_row, b_rest_row = _student_pass(p_s_row, p_sorted_row, b_end, vocab_size,
+                                                                  b_num_sorted, inv_temperature, BLOCK_V,
+                                                                  TAIL == _BUCKET)
+    b_log_sum_row = tl.log(b_sum_row)
+    # H = log L - S1 / L; 0 on a row of -inf (and on masked rows, replaced below anyway)
+    b_entropy = tl.where(b_sum_row > 0, b_log_sum_row - b_cross_row / b_sum_row, 0.0)
+
+    b_lq, m_live, b_id, b_z = _load_slots(p_s_row, p_lq_row, p_id_row, stride_logprobs_k, stride_ids_k, num_slots,
+                                          b_valid, BLOCK_K)
     if TAIL == _BUCKET:
-        # Online max / sum-exp over the V columns (triton_rows' forward, the student alone).
-        o_v = tl.arange(0, BLOCK_V)
-        b_end = tl.where(b_valid, vocab_size, 0)  # columns read: none on a masked row
-        b_max = tl.full((), neg_inf, tl.float32)  # running max of the raw logits z
-        b_sum = tl.zeros((), tl.float32)  # running sum exp((z - b_max) / tau)
-        for v0 in tl.range(0, b_end, BLOCK_V):
-            o_col = v0 + o_v
-            b_z_v = tl.load(p_s_row + o_col, mask=o_col < vocab_size, other=neg_inf).to(tl.float32)
-            b_new_max = tl.maximum(b_max, tl.max(b_z_v, axis=0))
-            # alpha = exp(M - M'); 1 while the max is still -inf (the sum is 0 then)
-            b_alpha = tl.where(b_new_max == neg_inf, 1.0, tl.exp((b_max - b_new_max) * inv_temperature))
-            b_e = tl.where(b_z_v == neg_inf, 0.0, tl.exp((b_z_v - b_new_max) * inv_temperature))
-            b_sum = b_alpha * b_sum + tl.sum(b_e, axis=0)
-            b_max = b_new_max
-        b_log_sum = tl.log(b_sum)
-        b_lq, m_live, b_id, b_z = _load_slots(p_s_row, p_lq_row, p_id_row, stride_logprobs_k, stride_ids_k,
-                                              num_slots, b_valid, BLOCK_K)
+        b_max = b_max_row
+        b_log_sum = b_log_sum_row
+        b_rest = tl.where(b_sum_row > 0, b_rest_row / b_sum_row, 0.0)  # R = TAIL_S
     else:
-        # The normalisers of the live slots' logits (0, 0 when S is empty); the row itself is not read.
-        b_lq, m_live, b_id, b_z = _load_slots(p_s_row, p_lq_row, p_id_row, stride_logprobs_k, stride_ids_k,
-                                              num_slots, b_valid, BLOCK_K)
+        # The normalisers of the live slots' logits (0, 0 when S is empty); R = 0.
         b_any = tl.max(m_live.to(tl.int32), axis=0) > 0
         b_max = tl.where(b_any, tl.max(tl.where(m_live, b_z, neg_inf), axis=0), 0.0)
         b_e = tl.where(m_live & (b_z > neg_inf), tl.exp((b_z - b_max) * inv_temperature), 0.0)
         b_log_sum = tl.where(b_any, tl.log(tl.sum(b_e, axis=0)), 0.0)
+        b_rest = tl.zeros((), tl.float32)
 
-    b_lp, b_lq, b_lp_tail, b_lq_tail, b_p_rest = _categories(b_z, b_lq, m_live, b_max, b_log_sum, inv_temperature,
-                                                             TAIL)
+    b_lp, b_lq, b_lp_tail, b_lq_tail = _categories(b_z, b_lq, m_live, b_max, b_log_sum, b_rest, inv_temperature, TAIL)
     b_d = _divergence(b_lp, b_lq, b_lp_tail, b_lq_tail, beta, log_one_minus_beta, log_beta, DIVERGENCE, TAIL)
 
     # Every statistic of the row, exact zeros on masked rows (their loop ran no step: -inf max, -inf logsum).
@@ -249,6 +324,8 @@ def _topk_forward_kernel(
     tl.store(p_out + _MAX_S * stride_stats_k, tl.where(b_valid, b_max, 0.0))
     tl.store(p_out + _LOGSUM_S * stride_stats_k, tl.where(b_valid, b_log_sum, 0.0))
     tl.store(p_out + _KL * stride_stats_k, tl.where(b_valid, b_d, 0.0))
+    tl.store(p_out + _ENTROPY_S * stride_stats_k, tl.where(b_valid, b_entropy, 0.0))
+    tl.store(p_out + _TAIL_S * stride_stats_k, tl.where(b_valid, b_rest, 0.0))
     b_zero = tl.zeros((), tl.float32)
     tl.store(p_out + _MAX_T * stride_stats_k, b_zero)
     tl.store(p_out + _LOGSUM_T * stride_stats_k, b_zero)
@@ -310,34 +387,35 @@ def _topk_backward_kernel(
     p_st = p_stats + i_n * stride_stats_n
     b_max = tl.load(p_st + _MAX_S * stride_stats_k)
     b_log_sum = tl.load(p_st + _LOGSUM_S * stride_stats_k)
+    b_rest = tl.load(p_st + _TAIL_S * stride_stats_k)  # R (bucket), 0 for renormalize
 
-    # The categories, as the forward computed them (from its stored MAX_S, LOGSUM_S), and their weights.
+    # The categories, as the forward computed them (from its stored MAX_S, LOGSUM_S, TAIL_S), and their weights.
     b_lq, m_live, b_id, b_z = _load_slots(p_s_row, p_lq_row, p_id_row, stride_logprobs_k, stride_ids_k, num_slots,
                                           b_read, BLOCK_K)
-    b_lp, b_lq, b_lp_tail, b_lq_tail, b_p_rest = _categories(b_z, b_lq, m_live, b_max, b_log_sum, inv_temperature,
-                                                             TAIL)
+    b_lp, b_lq, b_lp_tail, b_lq_tail = _categories(b_z, b_lq, m_live, b_max, b_log_sum, b_rest, inv_temperature, TAIL)
     b_w = _weights(b_lp, b_lq, beta, log_one_minus_beta, log_beta, DIVERGENCE)  # W_j = P_j g_j
     b_p = tl.exp(b_lp)  # P_j (0 off the live slots)
+    b_w_slots = tl.sum(b_w, axis=0)  # sum_S W_j
     if TAIL == _BUCKET:
-        # g_tail = W_tail / P_tail, 0 through an active floor
-        b_w_tail = _weights(b_lp_tail, b_lq_tail, beta, log_one_minus_beta, log_beta, DIVERGENCE)
-        b_g_tail = tl.where(b_p_rest > _TAIL_FLOOR, b_w_tail / tl.exp(b_lp_tail), 0.0)
-        b_g_total = tl.sum(b_w, axis=0) - b_g_tail * tl.sum(b_p, axis=0)  # G
-        # the slot's full value: the dense -P_j G plus its own W_j - P_j g_tail
-        b_slot = b_p * -b_g_total + (b_w - b_p * b_g_tail)
+        # f W_tail and g_tail = f W_tail / P_tail (f = 0 through an active floor)
+        b_free = b_rest > _TAIL_FLOOR
+        b_w_tail_all = _weights(b_lp_tail, b_lq_tail, beta, log_one_minus_beta, log_beta, DIVERGENCE)
+        b_w_tail = tl.where(b_free, b_w_tail_all, 0.0)
+        b_g_tail = tl.where(b_free, b_w_tail_all / tl.exp(b_lp_tail), 0.0)
+        b_neg_g = -((b_w_slots + b_w_tail) - b_g_tail)  # -G
     else:
-        b_g_total = tl.sum(b_w, axis=0)  # G (g_tail = 0)
-        b_slot = b_w - b_p * b_g_total
-    b_slot = b_slot * b_scale
+        b_w_tail = tl.zeros((), tl.float32)
+    # the slot's full value W_j - P_j (sum_S W_i + f W_tail)
+    b_slot = (b_w - b_p * (b_w_slots + b_w_tail)) * b_scale
 
     b_zero = tl.zeros((BLOCK_V,), tl.float32)
     if TAIL == _BUCKET:
-        # Padding columns [vocab_size, width) first (as triton_rows: disjoint columns), then -p_v G over [0, V).
+        # Padding columns [vocab_size, width) first (as triton_rows: disjoint columns), then -p_v G over [0, V)
+        # (the slots' columns included: the scatter below overwrites them).
         for v0 in tl.range(vocab_size, width_student, BLOCK_V):
             o_col = v0 + o_v
             tl.store(p_gs_row + o_col, b_zero.to(p_grad_student.dtype.element_ty), mask=o_col < width_student)
         b_load_end = tl.where(b_read, vocab_size, 0)  # columns < b_load_end are read (none when coef == 0)
-        b_neg_g = -b_g_total
         for v0 in tl.range(0, vocab_size, BLOCK_V):
             o_col = v0 + o_v
             b_z_v = tl.load(p_s_row + o_col, mask=o_col < b_load_end, other=neg_inf).to(tl.float32)
@@ -364,43 +442,47 @@ def _block_k(num_slots: int) -> int:
     return max(triton.next_power_of_2(int(num_slots)), MIN_BLOCK_K)
 
 
-def _slot_warps(block_k: int) -> int:
-    """num_warps of a launch that touches only the slots (the renormalize forward)."""
-    return min(8, max(1, block_k // 256))
-
-
 def _slot_strides(x: torch.Tensor) -> tuple:
     """(batch, position, slot) strides of a (B, T, k) slot tensor."""
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _sorted_live_ids(logprobs: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(N, k) int32, contiguous: each row's live ids in increasing order, then the sentinel vocab_size once per
+    padding slot (whose id, garbage, is replaced before the sort: never compared, never an address)."""
+    live = logprobs > float("-inf")  # the kernels' liveness (a NaN log-probability is padding)
+    marked = torch.where(live, ids, vocab_size).to(torch.int32)
+    return marked.reshape(ids.shape[0] * ids.shape[1], ids.shape[2]).sort(dim=-1).values.contiguous()
+
+
 def topk_forward(student: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                  call: TopKCall) -> torch.Tensor:
-    """Row statistics (NUM_STATS, N) float32 per the contract's top-k rows: MAX_S, LOGSUM_S, KL, the others 0;
-    exact zeros on rows whose mask is False (nothing of them is read)."""
+    """Row statistics (NUM_STATS, N) float32 per the contract's top-k rows: MAX_S, LOGSUM_S, KL, ENTROPY_S,
+    TAIL_S, the others 0; exact zeros on rows whose mask is False (nothing of them is read)."""
     batch, length = student.shape[:2]
     n = batch * length
     stats = torch.empty((NUM_STATS, n), dtype=torch.float32, device=student.device)
     if n == 0:
         return stats
     mask_u8 = mask.view(torch.uint8)  # bool loads as bytes, the same on every Triton version
-    block_k = _block_k(ids.shape[-1])
+    bucket = call.tail == BUCKET
+    # bucket: the live ids sorted (membership of a column in the slots while streaming); renormalize never
+    # reads it (the ids stand in for the pointer)
+    sorted_ids = _sorted_live_ids(logprobs, ids, call.vocab_size) if bucket else ids
     vocab_size, inv_temperature, beta, log_one_minus_beta, log_beta = _scalars(call)
     args = (
-        student, logprobs, ids, mask_u8, stats,
-        *_row_strides(student), *_slot_strides(logprobs), *_slot_strides(ids), length,
-        mask_u8.stride(0), stats.stride(0), stats.stride(1),
+        student, logprobs, ids, sorted_ids, mask_u8, stats,
+        *_row_strides(student), *_slot_strides(logprobs), *_slot_strides(ids), sorted_ids.stride(0) if bucket else 0,
+        length, mask_u8.stride(0), stats.stride(0), stats.stride(1),
         vocab_size, ids.shape[-1], inv_temperature, beta, log_one_minus_beta, log_beta,
     )
     # Launched through wrap_triton (a compiler tracing the op sees the kernel); `kernel` is assigned from the
-    # kernel's global name so that torch.library.triton_op finds it in this source. Only bucket streams rows
-    # (and so autotunes, on a GPU when asked); renormalize touches k slots per row.
-    bucket = call.tail == BUCKET
-    kernel = _kernel(_topk_forward_kernel) if bucket else _topk_forward_kernel
-    options = (_launch_options(kernel, call.vocab_size) if bucket
-               else {"BLOCK_V": MIN_BLOCK_K, "num_warps": _slot_warps(block_k)})
+    # kernel's global name so that torch.library.triton_op finds it in this source. Both tails stream the row
+    # (and so autotune, on a GPU when asked).
+    kernel = _kernel(_topk_forward_kernel)
     with _on_device(student):
-        wrap_triton(kernel)[(n,)](*args, DIVERGENCE=call.divergence, TAIL=call.tail, BLOCK_K=block_k, **options)
+        wrap_triton(kernel)[(n,)](*args, DIVERGENCE=call.divergence, TAIL=call.tail, BLOCK_K=_block_k(ids.shape[-1]),
+                                  **_launch_options(kernel, call.vocab_size))
     return stats
 
 
