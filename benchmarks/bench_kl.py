@@ -7,20 +7,28 @@ Methods (each computes the same loss on the same inputs; unusable ones are liste
     eager, torch.compile, liger                                  the baselines (benchmarks/harness/baselines.py)
 
 Configurations (the loss every method in a row group computes; benchmarks/harness/configs.py):
-    topd   window 8, gamma 0.9, loss_threshold=Quantile(0.8), div_threshold=Quantile(0.5),
-           suppress_weight 0, guidance_weight 0.5 (TOPD; the knob flags below change it)
-    opd    window 1, no thresholds, no guidance: mean reverse KL (plain OPD; what Liger computes)
+    topd     window 8, gamma 0.9, loss_threshold=Quantile(0.8), div_threshold=Quantile(0.5),
+             suppress_weight 0, guidance_weight 0.5 (TOPD; the knob flags below change it)
+    opd      window 1, no thresholds, no guidance: mean reverse KL (plain OPD; what Liger computes)
+    topk<K>  opd's loss against a top-K teacher (K = 32, 128 by default): the teacher's log-softmax at its K
+             most likely ids (int32 ids, float32 log-probabilities, tail "bucket"), as an inference server
+             returns them. topd[...] = fused_window_kl(student, TopK(ids, logprobs)); eager = the PyTorch
+             top-k + tail loss as the frameworks write it (baselines.topk_tail_kl); torch.compile and liger
+             do not apply. The fused full-logits path is the opd rows of the same shape.
 
 Figures per method: forward, backward, forward+backward time (median, p20, p80; CUDA:
 triton.testing.do_bench, CPU: wall clock, warm-up excluded), inputs rotated among several copies;
-peak memory above the inputs (CUDA: the allocator's counters; CPU: benchmarks/harness/memtrack.py); bytes/s
-against the minimal traffic (fwd: read both logits; bwd: read both + write the gradient) and as % of the
-device copy bandwidth measured in the same run; speedup and memory ratio vs eager; the loss value and its
-difference from eager's (checked on the first repetition).
+peak memory above the inputs (CUDA: the allocator's counters; CPU: benchmarks/harness/memtrack.py); the bytes
+the teacher side costs per token (V x element size for logits, K x 8 for int32 ids + float32 log-probabilities);
+bytes/s against the minimal traffic (fwd: read the student and the teacher side; bwd: read both + write the
+gradient) and as % of the device copy bandwidth measured in the same run; speedup and memory ratio vs eager;
+the loss value and its difference from eager's (checked on the first repetition). The report adds a table of
+the top-k teacher against the full logits, per shape.
 
     python benchmarks/bench_kl.py                 # the full sweep (meant for the GPU), bf16
     python benchmarks/bench_kl.py --dtype fp32
-    python benchmarks/bench_kl.py --quick         # small CPU set, < 2 minutes on 2 cores
+    python benchmarks/bench_kl.py --N 1024 --V 32000,151936 --configs opd,topk32,topk128  # top-k vs full logits
+    python benchmarks/bench_kl.py --quick         # small CPU set, a few minutes on 2 cores (mostly compiling)
     python benchmarks/bench_kl.py --quick --plot  # also a PNG (needs matplotlib)
 
 Writes a markdown table to stdout (and next to the JSON as .md) and the JSON to --out.
@@ -47,9 +55,9 @@ import torch  # noqa: E402
 
 import harness  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 import topd_kernels  # noqa: E402
-from harness import baselines, header, report  # noqa: E402
-from harness.configs import (DTYPES, FULL_N, FULL_V, QUICK_N, QUICK_V, TOPD, config_json, loss_configs,  # noqa: E402
-                             make_inputs)
+from harness import baselines, configs, header, report  # noqa: E402
+from harness.configs import (CONFIG_NAMES, DTYPES, FULL_N, FULL_V, QUICK_N, QUICK_V, TOPD, config_json,  # noqa: E402
+                             loss_configs, make_inputs, teacher_bytes_per_token, teacher_for, teacher_form, topk_k)
 from harness.memtrack import mem_available_bytes, measure_memory  # noqa: E402
 from harness.timing import Timer, copy_bandwidth, is_oom  # noqa: E402
 from topd_kernels import Quantile  # noqa: E402
@@ -79,11 +87,18 @@ def method_availability(device: torch.device) -> dict:
     return out
 
 
-def build_method(name: str, cfg: dict, compile_dynamic: Optional[bool]) -> Callable:
-    """The loss function fn(student, teacher) of method `name` in configuration `cfg` (LossConfig keywords)."""
+def build_method(name: str, cfg: dict, compile_dynamic: Optional[bool], form: str = "logits") -> Callable:
+    """The loss function fn(student, teacher) of method `name` in configuration `cfg` (LossConfig keywords),
+    the teacher being of `form` ("logits", or "topk": a topd_kernels.TopK, see configs.teacher_form)."""
     if name.startswith("topd["):
         backend = name[len("topd["):-1]
         return lambda s, t: topd_kernels.fused_window_kl(s, t, backend=backend, **cfg)
+    if form == "topk":
+        if name == "eager":  # the frameworks' loss: mean reverse KL with the tail bucket (the opd knobs)
+            if cfg != configs.OPD:
+                raise ValueError(f"the top-k baseline computes only the opd loss {configs.OPD}, not {cfg}")
+            return lambda s, t: baselines.topk_tail_kl(s, t.token_ids, t.logprobs)
+        raise ValueError(f"{name}: no top-k teacher form")
     if name == "eager":
         return functools.partial(baselines.eager_window_kl, **cfg)
     if name == "torch.compile":
@@ -95,6 +110,12 @@ def build_method(name: str, cfg: dict, compile_dynamic: Optional[bool]) -> Calla
 
 def applies(name: str, cfg_name: str) -> Optional[str]:
     """None if `name` runs in configuration `cfg_name`, else why not."""
+    if topk_k(cfg_name):
+        if name == "liger":
+            return "Liger-Kernel has no top-k teacher loss"
+        if name == "torch.compile":
+            return "the top-k baseline is timed eagerly, as the frameworks run it (eager rows)"
+        return None
     if name == "liger" and cfg_name != "opd":
         return "Liger-Kernel computes only window 1 without thresholds or guidance: see the opd rows"
     return None
@@ -125,10 +146,14 @@ def run_shape(n, v, dtype_name, cfgs, avail, methods, timer, args, device, bw) -
     rows = []
     base = dict(N=n, V=v, dtype=dtype_name)
     grad_bytes = n * v * elt
-    traffic = {"fwd": 2 * n * v * elt, "bwd": 3 * n * v * elt, "fwd_bwd": 5 * n * v * elt}
+
+    def traffic_of(teacher_bytes: int) -> dict:
+        """Minimal traffic: fwd reads the student and the teacher side; bwd reads both and writes the gradient."""
+        fwd = n * v * elt + teacher_bytes
+        return {"fwd": fwd, "bwd": fwd + grad_bytes, "fwd_bwd": 2 * fwd + grad_bytes}
 
     def na_rows(status, reason):
-        return [dict(base, config=c, method=m, status=status, reason=reason)
+        return [dict(base, config=c, method=m, teacher=teacher_form(c), status=status, reason=reason)
                 for c in cfgs for m in methods]
 
     avail_mem = mem_available_bytes() if device.type == "cpu" else None
@@ -155,9 +180,19 @@ def run_shape(n, v, dtype_name, cfgs, avail, methods, timer, args, device, bw) -
         eager_row = None
         if "torch.compile" in methods and not args.compile_dynamic:
             torch._dynamo.reset()  # a fresh compile per shape (no recompile limit, no stale graphs)
+        form = teacher_form(cfg_name)
+        k = form.get("k")
+        if k is not None and k > v:
+            rows += [dict(base, config=cfg_name, method=m, teacher=form, status="n/a",
+                          reason=f"top-{k} teacher needs k <= V = {v}") for m in methods]
+            continue
+        # the teacher side of this configuration, for every copy: the logits, or their top-k
+        cfg_copies = [(s, teacher_for(cfg_name, t)) for s, t in copies]
+        teacher_bytes = n * teacher_bytes_per_token(cfg_copies[0][1])
+        traffic = traffic_of(teacher_bytes)
         for m in methods:
-            row = dict(base, config=cfg_name, method=m, n_copies=n_copies, grad_bytes=grad_bytes,
-                       traffic_bytes=traffic)
+            row = dict(base, config=cfg_name, method=m, teacher=form, n_copies=n_copies, grad_bytes=grad_bytes,
+                       teacher_bytes_per_token=teacher_bytes // n, traffic_bytes=traffic)
             rows.append(row)
             a = avail[m]
             if m == "topd[auto]" and f"topd[{a['backend']}]" in methods:
@@ -187,10 +222,10 @@ def run_shape(n, v, dtype_name, cfgs, avail, methods, timer, args, device, bw) -
                 if m == "torch.compile" and args.compile_dynamic:
                     # dynamic shapes: one compiled function per configuration serves every N (and V)
                     fn = _COMPILED.setdefault((cfg_name, dtype_name),
-                                              build_method(m, cfg, args.compile_dynamic))
+                                              build_method(m, cfg, args.compile_dynamic, form["form"]))
                 else:
-                    fn = build_method(m, cfg, args.compile_dynamic)
-                s, t = copies[0]
+                    fn = build_method(m, cfg, args.compile_dynamic, form["form"])
+                s, t = cfg_copies[0]
                 # first repetition: the loss value (and, for compile, the compile time)
                 tc = time.perf_counter()
                 loss = fn(s, t)
@@ -198,8 +233,8 @@ def run_shape(n, v, dtype_name, cfgs, avail, methods, timer, args, device, bw) -
                 row["loss"] = float(loss.detach().double())
                 loss = None
                 tracker = "profiler" if m == "torch.compile" else "dispatch"
-                row["memory"] = measure_memory(fn, *copies[0], device, tracker)
-                row.update(timer.time_all(fn, copies))
+                row["memory"] = measure_memory(fn, *cfg_copies[0], device, tracker)
+                row.update(timer.time_all(fn, cfg_copies))
                 row["status"] = "ok"
             except Exception as exc:
                 failure = ("OOM" if is_oom(exc) else "error",
@@ -207,7 +242,7 @@ def run_shape(n, v, dtype_name, cfgs, avail, methods, timer, args, device, bw) -
             # (outside the except clause: the traceback, and the tensors its frames hold, are gone)
             loss = fn = None
             if failure:
-                for st, _ in copies:
+                for st, _ in cfg_copies:
                     st.grad = None
                 gc.collect()
                 if device.type == "cuda":
@@ -241,6 +276,7 @@ def run_shape(n, v, dtype_name, cfgs, avail, methods, timer, args, device, bw) -
                 row["memory_ratio_vs_eager"] = row["memory"]["peak_step_bytes"] / em if em else None
             row["loss_reference"] = ref["method"]
             row["loss_abs_diff_vs_eager"] = abs(row["loss"] - ref["loss"])
+        del cfg_copies
     del copies
     gc.collect()
     if device.type == "cuda":
@@ -260,12 +296,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="small CPU set: N in {256, 1024}, V=32000, fp32 and bf16 (< 2 min on 2 cores)")
+                   help="small CPU set: N in {256, 1024}, V=32000, fp32 and bf16, every configuration "
+                        "(a few minutes on 2 cores, most of it torch.compile compiling)")
     p.add_argument("--dtype", default=None, help="comma list of bf16, fp32, fp16 (default bf16; --quick: fp32,bf16)")
     p.add_argument("--N", default=None, help="comma list of token counts (overrides the set)")
     p.add_argument("--V", default=None, help="comma list of vocabulary sizes (overrides the set)")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma list of methods to run")
-    p.add_argument("--configs", default="topd,opd", help="comma list of loss configurations: topd, opd")
+    p.add_argument("--configs", default=",".join(CONFIG_NAMES),
+                   help="comma list of loss configurations: topd, opd, topk<K> (opd's loss against a top-K teacher)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--out", default=None,
                    help="JSON path (default benchmarks/results/bench_kl_<device>_<dtypes>[_quick].json)")
@@ -273,6 +311,9 @@ def parse_args(argv=None):
                    help="also write a PNG (default: next to the JSON, .png)")
     p.add_argument("--no-table-file", action="store_true", help="do not write the .md table next to the JSON")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU: torch.set_num_threads(THREADS) (0: torch's default; the header records it). On a "
+                        "loaded machine 1 avoids threads waiting on each other")
     knobs = p.add_argument_group("the topd configuration", "LossConfig knobs; each flag sets the field it names")
     knobs.add_argument("--window", type=int, default=TOPD["window"])
     knobs.add_argument("--gamma", type=float, default=TOPD["gamma"])
@@ -327,15 +368,19 @@ def main(argv=None) -> dict:
         if m not in ALL_METHODS:
             raise SystemExit(f"--methods: unknown {m!r}; expected {ALL_METHODS}")
     try:
-        all_cfgs = loss_configs(**{knob: getattr(args, knob) for knob in TOPD})
+        cfgs = loss_configs([c for c in args.configs.split(",") if c],
+                            **{knob: getattr(args, knob) for knob in TOPD})
     except (TypeError, ValueError) as exc:
-        raise SystemExit(f"the topd configuration: {exc}")
-    cfgs = {c: all_cfgs[c] for c in args.configs.split(",") if c}
+        raise SystemExit(f"the configurations: {exc}")
     if args.compile_dynamic == "auto":
         args.compile_dynamic = True if (args.quick and device.type == "cpu") else False
     else:
         args.compile_dynamic = args.compile_dynamic == "true"
 
+    if args.threads < 0:
+        raise SystemExit(f"--threads: must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else (
         header.RESULTS / f"bench_kl_{device.type}_{'-'.join(dtypes)}{'_quick' if args.quick else ''}.json")
 
@@ -363,6 +408,7 @@ def main(argv=None) -> dict:
         "settings": config_json(vars(args)),
         "shapes": {"N": list(ns), "V": list(vs), "dtypes": dtypes},
         "configs": {c: config_json(cfg) for c, cfg in cfgs.items()},
+        "teachers": {c: teacher_form(c) for c in cfgs},
         "methods": {m: avail[m] for m in methods},
         "copy_bandwidth": bw,
         "results": results,

@@ -4,11 +4,14 @@
 - benchmarks/bench_kl.py on its smallest configuration: the JSON has the expected keys and finite numbers,
   unusable methods are listed with a reason, every method computes the same loss, and what runs is what
   topd_kernels.rows.registry says can run;
+- the top-k teacher configurations (topk<K>): the PyTorch top-k + tail baseline and the fused TopK path compute
+  the same loss (and gradient), within a float32 error bound; the rows, the teacher's bytes and the report;
 - the memory trackers of benchmarks/harness/memtrack.py measure known allocations correctly;
 - memory_cpu.py, profile_rows.py and profile_cuda_backward.py: their CPU-testable parts.
 """
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import profile_cuda_backward  # noqa: E402
 import profile_rows  # noqa: E402
 import topd_kernels  # noqa: E402
 from harness import baselines, configs, header, memtrack, profiling, timing  # noqa: E402
-from topd_kernels import reference  # noqa: E402
+from topd_kernels import TopK, reference  # noqa: E402
 from topd_kernels.rows import registry, torch_rows  # noqa: E402
 
 MB4 = 1 << 22  # 4 MiB
@@ -91,15 +94,20 @@ def test_bench_kl_harness_smallest(tmp_path):
     for key in ("device_name", "driver", "torch", "triton", "liger_kernel", "git_commit", "timestamp_utc"):
         assert key in data["env"], key
     assert data["env"]["device_type"] == "cpu" and data["env"]["device_name"].startswith("CPU")
-    assert set(data["configs"]) == {"topd", "opd"}
+    # --quick runs every configuration, the top-k teacher ones included
+    assert list(data["configs"]) == ["topd", "opd", "topk32", "topk128"] == list(configs.CONFIG_NAMES)
     assert data["configs"]["topd"] == {"window": 8, "gamma": 0.9, "loss_threshold": {"quantile": 0.8},
                                        "div_threshold": {"quantile": 0.5}, "suppress_weight": 0.0,
                                        "guidance_weight": 0.5}
-    assert data["configs"]["opd"] == {"window": 1}
+    assert data["configs"]["opd"] == data["configs"]["topk32"] == data["configs"]["topk128"] == {"window": 1}
+    assert data["teachers"]["topd"] == data["teachers"]["opd"] == {"form": "logits"}
+    for k in (32, 128):
+        assert data["teachers"][f"topk{k}"] == {"form": "topk", "k": k, "tail": "bucket", "ids": "int32",
+                                                "logprobs": "float32"}
     assert data["env"]["backends"] == registry.availability(CPU)
 
     rows = data["results"]
-    assert len(rows) == 2 * 2 * 2 * 4  # N x dtype x config x method: nothing dropped
+    assert len(rows) == 2 * 2 * 4 * 4  # N x dtype x config x method: nothing dropped
     by_status = {}
     for r in rows:
         by_status.setdefault(r["status"], []).append(r)
@@ -113,7 +121,13 @@ def test_bench_kl_harness_smallest(tmp_path):
             assert r["status"] == "alias" and "torch" in r["reason"]
     ok = by_status["ok"]
     assert {r["method"] for r in ok} == {"topd[torch]", "eager"}
-    assert len(ok) == 2 * 2 * 2 * 2
+    assert len(ok) == 2 * 2 * 4 * 2
+    # the teacher side's bytes per token: V x 4 / V x 2 for fp32 / bf16 logits, k x (4 + 4) for a top-k teacher
+    for r in ok:
+        k = configs.topk_k(r["config"])
+        elt = 4 if r["dtype"] == "fp32" else 2
+        assert r["teacher_bytes_per_token"] == (8 * k if k else r["V"] * elt), r
+        assert r["traffic_bytes"]["fwd"] == r["N"] * (r["V"] * elt + r["teacher_bytes_per_token"])
     for r in ok:
         for phase in ("fwd", "bwd", "fwd_bwd"):
             for q in ("median_ms", "p20_ms", "p80_ms"):
@@ -129,13 +143,23 @@ def test_bench_kl_harness_smallest(tmp_path):
         assert r["loss_abs_diff_vs_eager"] <= 1e-4 * max(1.0, abs(r["loss"]))
     for path, x in _numbers(data):
         assert math.isfinite(x), path
-    assert data["loss_check"]["compared"] == 2 * 2 * 2
+    assert data["loss_check"]["compared"] == 2 * 2 * 4
     assert data["loss_check"]["max_abs_diff"] <= 1e-4
     # memory: the fused torch backend keeps O(N) for backward, eager keeps N x V float32 tensors
     for r in ok:
         if r["method"] == "eager":
             assert r["memory"]["saved_bytes"] >= r["N"] * r["V"] * 4
     assert len(result["results"]) == len(rows)
+    # the report: the top-k teacher against the full logits, per shape (opd rows and top-k rows)
+    table = (tmp_path / "bench.md").read_text()
+    assert "#### Top-k teacher against full logits" in table
+    section = table.split("#### Top-k teacher against full logits")[1]
+    for n in (32, 64):
+        for dtype, elt in (("fp32", 4), ("bf16", 2)):
+            assert f"| {n} | 1000 | {dtype} | logits | topd[torch] | {1000 * elt} |" in section
+            for k in (32, 128):
+                for m in ("topd[torch]", "eager"):
+                    assert f"| {n} | 1000 | {dtype} | top-{k} | {m} | {8 * k} |" in section
 
 
 def test_eager_baseline_matches_topd_reference():
@@ -152,6 +176,102 @@ def test_eager_baseline_matches_topd_reference():
         assert abs(float(eager) - float(ours)) <= 1e-5 * max(1.0, abs(float(ours))), cfg
 
 
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _topk_loss_tolerance(student: torch.Tensor, topk: TopK) -> float:
+    """A worst-case bound on |float32 loss - exact loss| of the mean reverse KL over a top-k teacher's k + 1
+    categories (tail bucket), for float32 arithmetic on these inputs (an error model, evaluated in float64):
+
+    - a float32 log-probability log p_j = z_j - logsumexp(z) is off by at most about eps (|z|max + log V): the
+      rounding of z_j - max (relative to |z|) and the log of a sum of V terms in [0, 1] (log V bounds the
+      relative error of torch's cascaded sum in units of eps, with margin);
+    - a tail 1 - sum_j p_j (or -expm1(logsumexp)) sums k + 1 terms below 1: absolute error ~(log2(k + 1) + 1) eps
+      for a cascaded sum, so its log is off by that over the tail, at most over the smallest tail t_min;
+    - category c contributes p_c (log p_c - log q_c): an error e in log p_c or log q_c moves it by
+      p_c (1 + |log p_c / q_c|) e at most, and sum_c p_c = 1, so d (and the mean of d) moves by at most
+      (2 + L) times the largest log error, L = max_c |log p_c / q_c|.
+    """
+    z = student.double().flatten(0, -2)
+    ids, lq = topk.token_ids.flatten(0, -2), topk.logprobs.double().flatten(0, -2)
+    live = lq > float("-inf")
+    lp = torch.where(live, z.log_softmax(-1).gather(-1, torch.where(live, ids, 0).long()), -math.inf)
+    p_tail = (1 - lp.exp().sum(-1)).clamp(min=1e-7)
+    q_tail = (1 - lq.exp().sum(-1)).clamp(min=1e-7)
+    ratios = torch.cat((torch.where(live, lp - lq, 0.0), (p_tail.log() - q_tail.log())[:, None]), -1)
+    big_l = float(ratios.abs().max())
+    t_min = float(torch.minimum(p_tail, q_tail).min())
+    e_log_p = EPS32 * (float(z.abs().max()) + math.log(z.shape[-1]))
+    e_tail = (math.log2(topk.k + 1) + 1) * EPS32 / t_min
+    return (2 + big_l) * (e_log_p + e_tail)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k", [1, 4, 32, 128])
+def test_topk_baseline_is_the_fused_topk_loss(k, dtype):
+    """The PyTorch top-k + tail baseline (baselines.topk_tail_kl) and the fused path fused_window_kl(student,
+    TopK(..., tail="bucket")) with default knobs compute the same loss: each within the float32 error bound
+    of `_topk_loss_tolerance` of the float64 reference (so within twice that of each other), and the same
+    gradient; on bench_kl's inputs (configs.make_topk) in the (N, k) layout, and in (B, T, k) with a mask and
+    padding slots (-inf log-probabilities)."""
+    s, t = configs.make_inputs(64, 1000, dtype, CPU, seed=4)
+    cases = [(s, configs.make_topk(t, k), None)]
+    # (B, T, k): 4 sequences of 16; a few padding slots (not the first), a mask with invalid positions
+    topk = configs.make_topk(t, k)
+    logprobs = topk.logprobs.clone()
+    if k > 1:
+        logprobs[::3, -1] = float("-inf")
+        logprobs[::5, 1::2] = float("-inf")
+    mask = torch.rand(64, generator=torch.Generator().manual_seed(5)) > 0.25
+    cases.append((s.view(4, 16, -1), TopK(topk.token_ids.view(4, 16, k), logprobs.view(4, 16, k)), mask.view(4, 16)))
+    for student, teacher, m in cases:
+        tol = _topk_loss_tolerance(student, teacher)
+        exact = float(reference.window_kl_reference(student, teacher, mask=m))
+        s_fused = student.detach().clone().requires_grad_(True)
+        s_base = student.detach().clone().requires_grad_(True)
+        fused = topd_kernels.fused_window_kl(s_fused, teacher, mask=m, backend="torch")
+        base = baselines.topk_tail_kl(s_base, teacher.token_ids, teacher.logprobs, mask=m)
+        fused.backward()
+        base.backward()
+        assert abs(float(fused.detach()) - exact) <= tol, (float(fused.detach()), exact, tol)
+        assert abs(float(base.detach()) - exact) <= tol, (float(base.detach()), exact, tol)
+        # the gradient of the mean: each token's share is 1 / (valid tokens) of a d bounded as above; a bf16
+        # gradient is also rounded once to bf16 on each side (one ulp: 2^-8 relative)
+        n_valid = int(m.sum()) if m is not None else student.shape[0]
+        rtol = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0
+        torch.testing.assert_close(s_fused.grad.float(), s_base.grad.float(), rtol=rtol, atol=2 * tol / n_valid)
+
+
+def test_topk_configurations_rows_and_report(tmp_path):
+    """A topk<K> configuration of any K runs the fused TopK path and the PyTorch top-k baseline (eager) and
+    nothing else; K > V is a row "n/a" with the reason; a top-k loss is below the full-logits one (the k + 1
+    categories partition the vocabulary, so the KL can only shrink: data processing); an unknown
+    configuration is refused."""
+    out = tmp_path / "topk.json"
+    # (torch.compile left out: it would compile the opd rows, minutes on 2 cores; its top-k rows are "n/a")
+    methods = "topd[auto],topd[torch],eager,liger"
+    bench_kl.main(["--device", "cpu", "--N", "16", "--V", "300", "--dtype", "fp32",
+                   "--configs", "opd,topk8,topk400", "--methods", methods,
+                   "--cpu-min-reps", "1", "--cpu-max-reps", "1", "--copy-bytes", str(1 << 20), "--out", str(out)])
+    data = json.loads(out.read_text())
+    rows = {(r["config"], r["method"]): r for r in data["results"]}
+    assert data["teachers"]["topk8"]["k"] == 8 and data["teachers"]["topk400"]["k"] == 400
+    assert {m for (c, m), r in rows.items() if c == "topk8" and r["status"] == "ok"} == {"topd[torch]", "eager"}
+    assert rows[("topk8", "liger")]["status"] == "n/a"
+    assert "top-k" in bench_kl.applies("liger", "topk8") and bench_kl.applies("liger", "opd") is None
+    assert bench_kl.applies("torch.compile", "topk8") and bench_kl.applies("torch.compile", "opd") is None
+    assert rows[("topk8", "eager")]["teacher_bytes_per_token"] == 64
+    assert rows[("topk8", "topd[torch]")]["loss_reference"] == "eager"
+    assert rows[("topk8", "topd[torch]")]["loss_abs_diff_vs_eager"] <= 1e-5
+    assert rows[("topk8", "eager")]["loss"] < rows[("opd", "eager")]["loss"]
+    for m in methods.split(","):
+        assert rows[("topk400", m)]["status"] == "n/a" and "k <= V" in rows[("topk400", m)]["reason"]
+    table = (tmp_path / "topk.md").read_text()
+    assert re.search(r"\| 16 \| 300 \| fp32 \| top-8 \| topd\[torch\] \| 64 \|", table)
+    with pytest.raises(SystemExit, match="unknown configuration 'topk0'"):
+        bench_kl.main(["--device", "cpu", "--configs", "opd,topk0"])
+
+
 def test_topd_method_availability_is_the_registry_s():
     """What bench_kl runs of topd_kernels is what topd_kernels.rows.registry says can run on the device."""
     avail = bench_kl.method_availability(CPU)
@@ -166,24 +286,27 @@ def test_topd_method_availability_is_the_registry_s():
 
 def test_sweep_runs_what_the_registry_allows(tmp_path, monkeypatch):
     """Every topd method runs where the registry says it can (here the Triton ones run in the interpreter)
-    and computes eager's loss; one it says cannot run is listed with the registry's reason."""
+    and computes eager's loss, with the teacher's logits (opd) and its top-k (topk8: the backend's top-k ops);
+    one it says cannot run is listed with the registry's reason."""
     real = registry.availability
     monkeypatch.setattr(registry, "availability", lambda device: dict(real(device), triton="simulated: no GPU"))
     out = tmp_path / "sweep.json"
-    bench_kl.main(["--device", "cpu", "--N", "8", "--V", "64", "--dtype", "fp32", "--configs", "opd",
+    bench_kl.main(["--device", "cpu", "--N", "8", "--V", "64", "--dtype", "fp32", "--configs", "opd,topk8",
                    "--methods", ",".join(bench_kl.TOPD_METHODS + ("eager",)), "--cpu-min-reps", "1",
                    "--cpu-max-reps", "1", "--copy-bytes", str(1 << 20), "--out", str(out)])
-    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    results = json.loads(out.read_text())["results"]
     expected = registry.availability(CPU)
     assert expected["triton"] == "simulated: no GPU"
-    for name, why in expected.items():
-        row = rows[f"topd[{name}]"]
-        if why:
-            assert row["status"] == "n/a" and row["reason"] == why, row
-        else:
-            assert row["status"] == "ok" and row["backend"] == name, row
-            assert row["loss_abs_diff_vs_eager"] <= 1e-5, row
-    assert rows["topd[auto]"]["status"] == "alias" and registry.auto_backend(CPU) in rows["topd[auto]"]["reason"]
+    for config in ("opd", "topk8"):
+        rows = {r["method"]: r for r in results if r["config"] == config}
+        for name, why in expected.items():
+            row = rows[f"topd[{name}]"]
+            if why:
+                assert row["status"] == "n/a" and row["reason"] == why, row
+            else:
+                assert row["status"] == "ok" and row["backend"] == name, row
+                assert row["loss_abs_diff_vs_eager"] <= 1e-5, row
+        assert rows["topd[auto]"]["status"] == "alias" and registry.auto_backend(CPU) in rows["topd[auto]"]["reason"]
 
 
 def test_knob_flags_map_to_lossconfig_fields():

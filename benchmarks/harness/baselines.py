@@ -4,6 +4,9 @@
     torch.compile  the same function under torch.compile
     liger          Liger-Kernel's LigerJSD (beta=1: reverse KL) on fp32 log_softmax outputs; it computes only
                    window 1 without thresholds (the "opd" configuration)
+    eager (top-k)  `topk_tail_kl`: the loss against a top-k teacher (token ids and log-probabilities, as an
+                   inference server returns them) as the RL / distillation frameworks write it in PyTorch
+                   (the "topk<K>" configurations)
 
 Self-contained on purpose (nothing from topd_kernels): these are what the package is compared with.
 """
@@ -85,3 +88,44 @@ def liger_loss_fn() -> Callable:
         return jsd(log_q, log_p)
 
     return fn
+
+
+def topk_tail_kl(student_logits, teacher_ids, teacher_logprobs, mask=None, *, tail_floor=1e-7):
+    """Mean reverse KL against a top-k teacher with a tail bucket, in plain PyTorch, written the way the
+    frameworks that distil from an inference server's top-k log-probabilities write their loss (verl's
+    top-k distillation losses, NeMo-RL's DistillationLossFn, TRL-style trainers fed by a vLLM teacher server):
+
+    1. the student's log_softmax in float32 over the whole vocabulary, materialised (N x V float32, kept
+       for the backward);
+    2. gathered at the teacher's k ids;
+    3. each side's remaining mass as one more category: 1 - sum_j exp(logprob_j), taken as
+       -expm1(logsumexp(logprobs)) (so that no 1 - sum is formed), floored at `tail_floor` (no gradient
+       through an active floor: clamp's);
+    4. reverse KL over the k + 1 categories, sum_c p_c (log p_c - log q_c), and the mean over valid tokens.
+
+    The frameworks' own defaults differ in step 3 (verl's top-k KL drops the tail; NeMo-RL renormalises
+    over the k ids unless `zero_outside_topk`); the tail bucket is what their users add to keep a top-k
+    reverse KL a divergence, and it is what `topd_kernels.TopK(..., tail="bucket")` computes with the
+    loss's defaults (SPEC "Top-k teacher"), so the two losses are equal.
+
+    student_logits (..., V); teacher_ids int (..., k); teacher_logprobs float (..., k), the teacher's log-softmax
+    at those ids, -inf in a padding slot (a position needs at least one live slot); mask bool (...) or None.
+    """
+    log_p = F.log_softmax(student_logits.float(), dim=-1)
+    live = teacher_logprobs > float("-inf")
+    log_p_k = log_p.gather(-1, torch.where(live, teacher_ids, 0).long())
+    log_q_k = teacher_logprobs.float()
+    neg_inf = torch.tensor(float("-inf"), device=log_p.device)
+
+    def tail(log_k):
+        mass = -torch.expm1(torch.logsumexp(torch.where(live, log_k, neg_inf), dim=-1))
+        return mass.clamp(min=tail_floor).log()
+
+    log_p_tail, log_q_tail = tail(log_p_k), tail(log_q_k)
+    # the slots' terms (padding slots contribute 0, with no NaN in their gradient), then the tail's
+    lp, lq = torch.where(live, log_p_k, 0.0), torch.where(live, log_q_k, 0.0)
+    kl = torch.where(live, lp.exp() * (lp - lq), 0.0).sum(-1) + log_p_tail.exp() * (log_p_tail - log_q_tail)
+    if mask is None:
+        return kl.mean()
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp(min=1.0)

@@ -1,4 +1,5 @@
-"""The report of a bench_kl result: the markdown table (`markdown`) and the plot (`plot`)."""
+"""The report of a bench_kl result: the markdown table (`markdown`, with the top-k teacher against the full
+logits: `topk_table`) and the plot (`plot`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,6 +16,56 @@ def _opt(x, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
+def teacher_label(r: dict) -> str:
+    """A row's teacher side in words: "logits" or "top-K"."""
+    form = r.get("teacher") or {"form": "logits"}
+    return f"top-{form['k']}" if form["form"] == "topk" else "logits"
+
+
+def topk_table(result: dict) -> list:
+    """Markdown lines: per shape with top-k rows, the top-k teacher (fused, and the PyTorch baseline) against
+    the full logits (the opd rows: the same loss knobs and student on the teacher's logits). Empty without
+    top-k rows."""
+    ok = [r for r in result["results"] if r["status"] == "ok"]
+    shapes = sorted({(r["N"], r["V"], r["dtype"]) for r in ok if teacher_label(r) != "logits"})
+    if not shapes:
+        return []
+    auto = (result["methods"].get("topd[auto]") or {}).get("backend")
+    lines = [
+        "", "#### Top-k teacher against full logits",
+        "",
+        "The same student and loss (mean reverse KL over valid tokens); the teacher as its logits (the opd rows) "
+        "or as its top-k log-probabilities with the tail bucket (int32 ids + float32 log-probabilities: k × 8 "
+        "bytes per token). topd[...]: fused_window_kl; eager: PyTorch (logits: baselines.eager_window_kl; top-k: "
+        "baselines.topk_tail_kl, the frameworks' top-k + tail loss). ×fused full: fwd+bwd time of the fused "
+        "full-logits path (" + (f"topd[{auto}]" if auto else "the first topd method") + ", opd rows) / this time; "
+        "mem×: this peak / its peak. The loss of a top-k teacher is smaller than the full one (a coarser "
+        "partition of the vocabulary).",
+        "",
+        "| N | V | dtype | teacher | method | teacher B/token | fwd+bwd ms | peak MiB | ×fused full | mem× | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, v, dtype in shapes:
+        sel = [r for r in ok if (r["N"], r["V"], r["dtype"]) == (n, v, dtype)
+               and (r["config"] == "opd" or teacher_label(r) != "logits")]
+        full = [r for r in sel if r["config"] == "opd" and r["method"].startswith("topd[")]
+        ref = next((r for r in full if r["method"] == f"topd[{auto}]"), full[0] if full else None)
+        for r in sorted(sel, key=lambda r: (teacher_label(r) != "logits", r.get("teacher", {}).get("k", 0),
+                                            not r["method"].startswith("topd["), r["method"])):
+            speed = mem = None
+            if ref is not None:
+                speed = ref["fwd_bwd"]["median_ms"] / r["fwd_bwd"]["median_ms"]
+                ref_mem = ref["memory"]["peak_step_bytes"]
+                mem = r["memory"]["peak_step_bytes"] / ref_mem if ref_mem else None
+            lines.append(
+                f"| {n} | {v} | {dtype} | {teacher_label(r)} | {r['method']} | {r['teacher_bytes_per_token']} | "
+                f"{_fmt_t(r['fwd_bwd'])} | {r['memory']['peak_step_bytes'] / MiB:.1f} | {_opt(speed, '.2f')} | "
+                f"{_opt(mem, '.3f')} | {r['loss']:.6f} |")
+    if not any(r["config"] == "opd" for r in ok):
+        lines += ["", "(No opd rows in this run: run the opd configuration too for the full-logits rows.)"]
+    return lines
+
+
 def markdown(result: dict) -> str:
     """The table of a bench_kl result, with its header, the methods not run and the loss check."""
     env = result["env"]
@@ -26,16 +77,20 @@ def markdown(result: dict) -> str:
         f"{env['timestamp_utc']}. Device copy bandwidth (read+write): "
         f"{result['copy_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s."
         + (f" Load average (1 min) at start / end: {env['loadavg_start'][0]:.1f} / {env['loadavg_end'][0]:.1f} "
-           f"on {env['cpu_count']} cores." if env.get("loadavg_start") and env.get("loadavg_end") else ""),
+           f"on {env['cpu_count']} cores." if env.get("loadavg_start") and env.get("loadavg_end") else "")
+        + (f" torch threads: {env['torch_threads']}." if env.get("torch_threads") else ""),
         "",
         "Times in ms: median (p20–p80). Peak: memory above the inputs during fwd+bwd, the gradient included. "
-        "GB/s: minimal traffic of fwd+bwd (read both logits twice, write the gradient) / median time. "
-        "×eager: eager time / this time; mem×: this peak / eager peak. Δloss: |loss − eager's loss| (where eager "
+        "Teacher: its logits, or its top-k (topk<K> configurations: int32 ids + float32 log-probabilities, tail "
+        "bucket); B/token: the bytes the teacher side costs per token. "
+        "GB/s: minimal traffic of fwd+bwd (read the student and the teacher side twice, write the gradient) / "
+        "median time. ×eager: eager time / this time (top-k: eager is the frameworks' PyTorch top-k + tail loss); "
+        "mem×: this peak / eager peak. Δloss: |loss − eager's loss| (where eager "
         "did not run: − the loss of the first method that did).",
         "",
-        "| N | V | dtype | loss | method | fwd ms | bwd ms | fwd+bwd ms | peak MiB | ×eager fwd+bwd | mem× | "
-        "GB/s (% copy) | Δloss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N | V | dtype | loss | teacher | B/token | method | fwd ms | bwd ms | fwd+bwd ms | peak MiB | "
+        "×eager fwd+bwd | mem× | GB/s (% copy) | Δloss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     not_run = {}
     for r in result["results"]:
@@ -43,7 +98,8 @@ def markdown(result: dict) -> str:
             # unusable here for every shape: listed once below the table, with the reason
             not_run.setdefault((r["method"], r["status"], r.get("reason", "")), set()).add(r["config"])
             continue
-        head = f"| {r['N']} | {r['V']} | {r['dtype']} | {r['config']} | {r['method']} |"
+        head = (f"| {r['N']} | {r['V']} | {r['dtype']} | {r['config']} | {teacher_label(r)} | "
+                f"{r.get('teacher_bytes_per_token', '')} | {r['method']} |")
         if r["status"] != "ok":
             label = "OOM" if r["status"] == "OOM" else f"{r['status']}: {r.get('reason', '')}"
             lines.append(f"{head} {label} | | | | | | | |")
@@ -74,6 +130,7 @@ def markdown(result: dict) -> str:
     lc = result["loss_check"]
     lines += ["", f"Loss check (first repetition, every method vs eager, same config and shape): "
                   f"max |Δloss| = {lc['max_abs_diff']:.3e} over {lc['compared']} method rows."]
+    lines += topk_table(result)
     return "\n".join(lines) + "\n"
 
 
@@ -101,7 +158,8 @@ def plot(result: dict, path: Path, methods: tuple) -> Optional[str]:
         for key in sorted({(r["config"], r["method"]) for r in sel}):
             pts = sorted((r["N"], r) for r in sel if (r["config"], r["method"]) == key)
             ns = [p[0] for p in pts]
-            style = "-" if key[0] == "topd" else "--"  # solid: topd config, dashed: opd config
+            # solid: topd config, dashed: opd config, dotted: a top-k teacher
+            style = {"topd": "-", "opd": "--"}.get(key[0], ":")
             label = f"{key[1]} ({key[0]})"
             kw = dict(marker="o", label=label, color=color.get(key[1]))
             axes[0][j].plot(ns, [p[1]["fwd_bwd"]["median_ms"] for p in pts], style, **kw)
