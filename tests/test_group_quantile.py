@@ -1,8 +1,8 @@
 """`Quantile(q, group=...)` (SPEC "Divergence thresholding"): the quantile over the valid positions of every rank of
 a process group, over gloo groups of 3 CPU processes holding different numbers of rows (one rank with none valid).
 
-The workers check `window.masked_quantile` against torch.quantile of the concatenated valid values (exactly: the
-bisection finds the same order statistics), on values with ties, signs, zeros and +inf, and the loss with group
+The workers check `window.masked_quantile` with the group against the single-process call on the concatenated valid
+values (exactly: the bisection finds the same order statistics) and against torch.quantile, on values with ties, signs, zeros and +inf, and the loss with group
 quantile thresholds against the float64 reference with the same group (which gathers the values plainly).
 """
 import pytest
@@ -34,10 +34,15 @@ def _quantile_worker(seed: int) -> None:
         union = torch.cat(everything)
         for q in (0.0, 0.3, 0.5, 0.77, 1.0):
             ours = masked_quantile(values, valid, q, dist.group.WORLD)
-            expected = torch.quantile(union.double(), q).float() if union.isfinite().all() else \
-                torch.sort(union).values[int(round(q * (union.numel() - 1)))] if q in (0.0, 1.0) else None
-            if expected is not None:
-                assert torch.equal(ours, expected.reshape(())), (rank, case, q, ours, expected)
+            # Exactly the single-process call on the concatenated values (the same order statistics and lerp) ...
+            single = masked_quantile(union, torch.ones_like(union, dtype=torch.bool), q)
+            assert torch.equal(ours, single), (rank, case, q, ours, single)
+            # ... which is torch.quantile (float32 rounding apart; +inf where the interpolation meets it).
+            if union.isfinite().all():
+                expected = torch.quantile(union.double(), q).float()
+                assert torch.allclose(ours, expected, rtol=1e-6, atol=1e-6), (rank, case, q, ours, expected)
+            elif q == 1.0:
+                assert ours == float("inf")
     nothing = masked_quantile(torch.randn(3), torch.zeros(3, dtype=torch.bool), 0.5, dist.group.WORLD)
     assert nothing == float("inf")
 
