@@ -296,8 +296,9 @@ def test_large_common_offset(divergence, tau, seed):
         scale = float(want.abs().max())
         bound = 4.0 * plain_err + 2 * ULP[torch.float32] * scale   # plus one float32 rounding of the largest
         assert err <= bound, f"{name}: error {err:.3g}, plain float32 PyTorch's {plain_err:.3g}"
-        if tau == 1.0:   # the check can tell: the cancelling formula would be ~1e-3 * scale off
-            assert bound < 1e-5 * scale, f"{name}: plain float32 PyTorch's own error {plain_err:.3g} is too large"
+        if tau == 1.0:   # the check can tell: the cancelling formula would be ~1e-3 * scale off (plain float32
+            # PyTorch's own error varies with the draw, up to ~4e-6 * scale seen: 1e-4 keeps a factor 10 of margin)
+            assert bound < 1e-4 * scale, f"{name}: plain float32 PyTorch's own error {plain_err:.3g} is too large"
 
 
 # ---------------------------------------------------------------------------------------------------
