@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from topd_kernels.reference import token_divergence
+from topd_kernels.reference import student_entropy
 from topd_kernels.rows.contract import NUM_STATS, Stat
 
 NAN = float("nan")
@@ -139,7 +140,8 @@ def truth(student, teacher, coef, V, tau, divergence, beta, *, want_teacher=True
                 mix_t = torch.where(pt > 0, pt * (log_pt - log_mix), torch.zeros_like(pt)).sum(-1)
             stats = stats.to(d.dtype)
             values = {Stat.MAX_S: max_s, Stat.LOGSUM_S: logsum_s, Stat.MAX_T: max_t, Stat.LOGSUM_T: logsum_t,
-                      Stat.KL: d, Stat.MIX_S: mix_s, Stat.MIX_T: mix_t}
+                      Stat.KL: d, Stat.MIX_S: mix_s, Stat.MIX_T: mix_t,
+                      Stat.ENTROPY_S: student_entropy(a_s.detach(), tau, dtype=dtype)}  # TAIL_S: 0 (top-k rows only)
             for k, value in values.items():
                 stats[k, live] = value.to(d.dtype)
     return RowTruth(stats, grad_s.reshape(shape_s), grad_t.reshape(shape_t) if want_teacher else None)

@@ -229,7 +229,8 @@ def topk_forward(student, logprobs, ids, mask, call: TopKCall):
             max_z, logsum = _slot_normalisers(z_slots, live, call)
             rest = torch.zeros_like(max_z)
         log_p, log_q, _ = _categories(z_slots, live, logprobs[b, span], max_z, logsum, rest, call)
-        values = torch.stack((max_z, logsum, _category_divergence(log_p, log_q, call), _entropy(log_p_row), rest))
+        d = torch.where(live.any(-1), _category_divergence(log_p, log_q, call), 0.0)  # no slot: d = 0 exactly
+        values = torch.stack((max_z, logsum, d, _entropy(log_p_row), rest))
         stats[[Stat.MAX_S, Stat.LOGSUM_S, Stat.KL, Stat.ENTROPY_S, Stat.TAIL_S], rows] = \
             torch.where(mask[rows], values, torch.zeros_like(values))
     return stats
